@@ -1,0 +1,16 @@
+"""Attention backends by name; heavy imports happen only when a backend is chosen."""
+
+from __future__ import annotations
+
+from minisgl.attention.base import AttentionBackend
+
+BACKENDS = ("torch",)
+
+
+def create_backend(name: str, scale: float) -> AttentionBackend:
+    """Instantiate the backend called `name` (see BACKENDS)."""
+    if name == "torch":
+        from minisgl.attention.torch_backend import TorchAttention
+
+        return TorchAttention(scale)
+    raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")

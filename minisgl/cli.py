@@ -1,0 +1,162 @@
+"""The `minisgl` command: generate text offline, list presets (serve and bench come later)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from typing import Any
+
+from minisgl.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for every EngineConfig field; help text comes from the field docs below."""
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="HF checkpoint directory or preset name "
+        "(`minisgl presets`); default: the built-in demo model (random weights)",
+    )
+    g.add_argument(
+        "--dummy-weights",
+        action="store_true",
+        help="random weights from the config alone (benchmarks, presets)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the config's dtype on GPU, float32 on CPU",
+    )
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--attention-backend", default="auto", help="auto | torch")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    g.add_argument(
+        "--num-pages",
+        type=int,
+        default=None,
+        help="KV pool size in pages (default: sized from memory)",
+    )
+    g.add_argument(
+        "--mem-fraction",
+        type=float,
+        default=0.85,
+        help="fraction of GPU memory for weights + KV cache",
+    )
+    g.add_argument("--cpu-kv-gib", type=float, default=2.0, help="KV cache budget on CPU, GiB")
+    g.add_argument(
+        "--max-running-requests", type=int, default=256, help="most requests in the running batch"
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length; default the model's max_position_embeddings",
+    )
+    g.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=8192,
+        help="most new tokens per forward step (long prompts are chunked)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for --dummy-weights")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig keyword options (without `model`) from parsed flags."""
+    names = {f.name for f in fields(EngineConfig)} - {"model", "progress"}
+    opts = {name: getattr(args, name) for name in names}
+    opts["progress"] = not args.no_progress
+    return opts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from minisgl.llm import LLM
+    from minisgl.sampling_params import SamplingParams
+
+    llm = LLM(args.model, **engine_options(args))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.sampling_seed,
+        ignore_eos=args.ignore_eos,
+        stop=args.stop or [],
+    )
+    prompts: list[Any] = (
+        [[{"role": "user", "content": p}] for p in args.prompts] if args.chat else args.prompts
+    )
+    for prompt, out in zip(args.prompts, llm.generate(prompts, params), strict=True):
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "finish_reason": out.finish_reason,
+                    }
+                )
+            )
+        else:
+            print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens, {out.finish_reason}]")
+    return 0
+
+
+def _presets(_: argparse.Namespace) -> int:
+    from minisgl.models.source import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
+    parser = argparse.ArgumentParser(prog="minisgl", description=__doc__, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate", parents=[common], help="generate text for prompts with the offline engine"
+    )
+    gen.add_argument("prompts", nargs="+", help="prompt texts")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=-1, help="-1 = off")
+    gen.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+    pre = sub.add_parser(
+        "presets", parents=[common], help="list the model configs usable with --dummy-weights"
+    )
+    pre.set_defaults(func=_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from minisgl.models.errors import ModelLoadError
+
+    try:
+        result: int = args.func(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"minisgl: error: {e}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Engine configuration: one frozen dataclass, built from CLI flags or LLM(**options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options that shape the engine; every CLI flag of `generate`/`serve` maps to one field."""
+
+    model: str | None = None
+    """HF checkpoint directory, a preset name (see `minisgl presets`) or None for the demo model."""
+    dummy_weights: bool = False
+    """Random weights from the config alone (for benchmarks), like vLLM's --load-format dummy."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto: the config's dtype on GPU, float32 on CPU."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    attention_backend: str = "auto"
+    """auto | torch (more backends arrive with the GPU path)."""
+    page_size: int = 16
+    """Tokens per KV-cache page."""
+    num_pages: int | None = None
+    """KV pool size in pages; None sizes it from memory (mem_fraction on GPU, cpu_kv_gib on CPU)."""
+    mem_fraction: float = 0.85
+    """Fraction of total GPU memory that weights + KV cache may use."""
+    cpu_kv_gib: float = 2.0
+    """KV cache budget on CPU when num_pages is None."""
+    max_running_requests: int = 256
+    """Most requests decoding at once."""
+    max_model_len: int | None = None
+    """Context length (prompt + output); default the model's max_position_embeddings."""
+    chunked_prefill_size: int = 8192
+    """Most new tokens in one forward step; longer prompts are prefilled in chunks."""
+    seed: int = 0
+    """Seed for dummy weights."""
+    progress: bool = True
+    """Show progress bars (weight loading)."""
+
+    @staticmethod
+    def from_options(model: str | None, options: dict[str, Any]) -> EngineConfig:
+        """Build from keyword options, rejecting unknown names with a clear message."""
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        cfg = EngineConfig(model=model, **options)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Raise ValueError on inconsistent values."""
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
+            )
+        if self.page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError("num_pages must be >= 1")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.chunked_prefill_size < 1:
+            raise ValueError("chunked_prefill_size must be >= 1")
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ValueError("mem_fraction must be in (0, 1]")

@@ -1,0 +1,77 @@
+"""Owns the model on its device: builds and loads it, runs forward steps, samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from minisgl.attention.base import AttentionBackend, ForwardBatch
+from minisgl.attention.registry import create_backend
+from minisgl.config import EngineConfig
+from minisgl.engine.sampler import SampleOutput, SamplingBatch, sample
+from minisgl.models.loader import build_model, init_dummy_weights, load_weights
+from minisgl.models.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, config_dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is the checkpoint's dtype on GPU and float32 on CPU (faster and exact there)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(config_dtype, torch.bfloat16)
+
+
+class ModelRunner:
+    """Runs a CausalLM over ForwardBatches and samples the next tokens."""
+
+    def __init__(self, cfg: EngineConfig, source: ModelSource, max_model_len: int) -> None:
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, source.config.dtype, self.device)
+        self.model_config = source.config
+        mc = source.config
+        self.model = build_model(mc, self.dtype, self.device, max_model_len)
+        if source.weights_dir is None:
+            init_dummy_weights(self.model, cfg.seed)
+        else:
+            load_weights(self.model, source.weights_dir, progress=cfg.progress)
+        backend = cfg.attention_backend
+        if backend == "auto":
+            backend = "torch"
+        self.attn: AttentionBackend = create_backend(backend, mc.head_dim**-0.5)
+        log.info(
+            "model %s (%s) on %s in %s, attention backend %s",
+            source.name,
+            mc.architecture,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.attn.name,
+        )
+
+    def weight_bytes(self) -> int:
+        """Bytes the parameters take on the device."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Next-token logits [B, vocab] float32 for each request in the batch."""
+        batch.attn.prepare(batch)
+        logits: torch.Tensor = self.model(batch)
+        return logits
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
+        """Choose tokens from the logits of `forward`."""
+        return sample(logits, sb)

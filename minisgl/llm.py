@@ -1,0 +1,197 @@
+"""The offline Python API: `LLM(model).generate(prompts, params)`, the scheduler in-process."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from minisgl.config import EngineConfig
+from minisgl.engine.model_runner import ModelRunner
+from minisgl.models.source import DEMO_DIR, ModelSource, resolve_model
+from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler.request import TokenEvent
+from minisgl.scheduler.scheduler import Scheduler
+from minisgl.tokenizer.tokenizer import (
+    IncrementalDetokenizer,
+    Prompt,
+    Tokenizer,
+    encode_prompt,
+    load_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt."""
+
+    rid: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None  # None when the model has no tokenizer
+    finish_reason: str  # "stop" | "length" | "abort"
+    matched_stop: int | str | None  # the stop token id or stop string that ended it
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+@dataclass
+class _Pending:
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer | None
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+class LLM:
+    """An in-process engine. `model`: checkpoint directory, preset name, or None for the demo.
+
+    Keyword options are EngineConfig fields (dtype, device, page_size, dummy_weights, ...).
+    """
+
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        self.config = EngineConfig.from_options(model, options)
+        source = resolve_model(model, self.config.dummy_weights)
+        self.model_name = source.name
+        self.tokenizer = self._tokenizer_for(source)
+        mc = source.config
+        self.max_model_len = min(
+            self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        self.runner = ModelRunner(self.config, source, self.max_model_len)
+        self.scheduler = Scheduler(self.config, self.runner, self.max_model_len)
+        tok = self.tokenizer
+        if not mc.eos_token_ids and tok is not None and tok.eos_token_id is not None:
+            self.scheduler.eos_ids = frozenset([tok.eos_token_id])
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count()
+
+    @staticmethod
+    def _tokenizer_for(source: ModelSource) -> Tokenizer | None:
+        if source.tokenizer_dir is not None:
+            return load_tokenizer(source.tokenizer_dir)
+        demo = load_tokenizer(DEMO_DIR)
+        if len(demo) <= source.config.vocab_size:
+            log.warning("%s has no tokenizer; using the demo tokenizer for text", source.name)
+            return demo
+        return None
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        """Queue one prompt; returns its request id. Raises ValueError for invalid input."""
+        params = params or SamplingParams()
+        ids = encode_prompt(self.tokenizer, prompt)
+        rid = f"req-{next(self._ids)}"
+        self.scheduler.add_request(rid, ids, params)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                params.stop,
+                params.include_stop_str_in_output,
+                params.skip_special_tokens,
+            )
+        self._pending[rid] = _Pending(ids, params, detok, [], [], [])
+        return rid
+
+    def abort(self, rid: str) -> RequestOutput | None:
+        """Stop a request; returns what it had produced, or None if it was unknown."""
+        if rid not in self._pending:
+            return None
+        self.scheduler.abort(rid)
+        return self._finish(rid, "abort", None)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that finished in it."""
+        return [out for ev in self.scheduler.step() if (out := self._on_event(ev)) is not None]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a list; outputs come back in the prompts' order.
+
+        A prompt is a string, a list of token ids, or a chat (a list of {"role", "content"}).
+        """
+        batch = _as_prompt_list(prompts)
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(batch):
+                raise ValueError("sampling_params: need one per prompt")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(batch)
+        rids: list[str] = []
+        try:
+            for prompt, p in zip(batch, params, strict=True):
+                rids.append(self.submit(prompt, p))
+        except ValueError:
+            for rid in rids:
+                self.abort(rid)
+            raise
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(rids), desc="Generating", disable=not use_tqdm) as bar:
+            while len(done) < len(rids):
+                for out in self.step():
+                    done[out.rid] = out
+                    bar.update(1)
+        return [done[rid] for rid in rids]
+
+    def _on_event(self, ev: TokenEvent) -> RequestOutput | None:
+        pending = self._pending.get(ev.rid)
+        if pending is None:
+            return None
+        pending.token_ids.append(ev.token_id)
+        if ev.logprob is not None:
+            pending.logprobs.append(ev.logprob)
+        if ev.top_logprobs is not None:
+            pending.top_logprobs.append(ev.top_logprobs)
+        if pending.detok is not None:
+            pending.detok.add([ev.token_id])
+            if pending.detok.matched_stop is not None and ev.finish_reason is None:
+                self.scheduler.abort(ev.rid)
+                return self._finish(ev.rid, "stop", pending.detok.matched_stop)
+        if ev.finish_reason is not None:
+            return self._finish(ev.rid, ev.finish_reason, ev.matched_stop)
+        return None
+
+    def _finish(self, rid: str, reason: str, matched: int | str | None) -> RequestOutput:
+        p = self._pending.pop(rid)
+        text = None
+        if p.detok is not None:
+            p.detok.flush()
+            text = p.detok.text
+            if p.detok.matched_stop is not None:
+                reason, matched = "stop", p.detok.matched_stop
+        return RequestOutput(
+            rid=rid,
+            prompt_token_ids=p.prompt_ids,
+            token_ids=p.token_ids,
+            text=text,
+            finish_reason=reason,
+            matched_stop=matched,
+            logprobs=p.logprobs if p.params.logprobs else None,
+            top_logprobs=p.top_logprobs if p.params.top_logprobs else None,
+        )
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if not items:
+        raise ValueError("prompts: empty list")
+    if all(isinstance(t, int) for t in items) or all(isinstance(m, dict) for m in items):
+        return [items]  # type: ignore[list-item]
+    return items  # type: ignore[return-value]

@@ -1,0 +1,140 @@
+"""Build a CausalLM and fill it from safetensors checkpoints (single or sharded) or randomly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from minisgl.layers.linear import MergedLinear
+from minisgl.models.config import ModelConfig, load_json
+from minisgl.models.decoder import CausalLM
+from minisgl.models.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Checkpoint sub-module name -> (our fused module name, part index).
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+# Tensors some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def build_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> CausalLM:
+    """An uninitialised model of `cfg` on `device` (weights still to be loaded)."""
+    with torch.device(device):
+        model = CausalLM(cfg, max_positions)
+    # Parameters take the serving dtype; rotary tables stay float32.
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index if sharded."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: missing or empty 'weight_map'")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{model_dir}: no *.safetensors files found")
+    for f in files:
+        if not f.is_file():
+            raise ModelLoadError(f"missing checkpoint shard: {f}")
+    return files
+
+
+def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> None:
+    """Copy each checkpoint tensor into its (maybe fused) parameter; check shapes and coverage."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    expected = _expected_tensors(model)
+    loaded: set[str] = set()
+    files = checkpoint_files(model_dir)
+    for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if name.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    if name not in expected:
+                        log.warning("%s: ignoring unexpected tensor %s", path.name, name)
+                        continue
+                    _copy_tensor(name, f.get_tensor(name), params, modules, path)
+                    loaded.add(name)
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
+    missing = sorted(set(expected) - loaded)
+    if model.cfg.tie_word_embeddings and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelLoadError(
+            f"{model_dir}: {len(missing)} tensors missing from checkpoint: {shown}"
+        )
+
+
+def _expected_tensors(model: CausalLM) -> dict[str, tuple[str, int | None]]:
+    """Checkpoint tensor name -> (our parameter name, part index or None)."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for pname, _ in model.named_parameters(remove_duplicate=False):
+        module_path, _, leaf = pname.rpartition(".")
+        parent, _, last = module_path.rpartition(".")
+        fused = [(ck, part) for ck, (ours, part) in _STACKED.items() if ours == last]
+        if fused:
+            for ck, part in fused:
+                out[f"{parent}.{ck}.{leaf}"] = (pname, part)
+        else:
+            out[pname] = (pname, None)
+    return out
+
+
+def _copy_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    params: dict[str, torch.nn.Parameter],
+    modules: dict[str, torch.nn.Module],
+    path: Path,
+) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    parent, _, last = module_path.rpartition(".")
+    if last in _STACKED:
+        ours, part = _STACKED[last]
+        module = modules[f"{parent}.{ours}"]
+        assert isinstance(module, MergedLinear)
+        target = getattr(module, leaf).data[module.shard_slice(part)]
+    else:
+        target = params[name].data
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise ModelLoadError(
+            f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, "
+            f"expected {tuple(target.shape)}"
+        )
+    target.copy_(tensor)
+
+
+def init_dummy_weights(model: CausalLM, seed: int = 0) -> None:
+    """Random weights (like `--load-format dummy` elsewhere): N(0, 0.02) matrices, unit norms."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith("bias"):
+            p.data.zero_()
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)

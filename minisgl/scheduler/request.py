@@ -1,0 +1,54 @@
+"""A request's state as the scheduler tracks it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minisgl.sampling_params import SamplingParams
+
+
+@dataclass
+class Req:
+    """One generation request: its tokens, its KV pages and how far its KV is computed."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    max_new_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    row: int = -1
+    num_computed: int = 0
+    reserved_pages: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    matched_stop: int | None = None
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens known so far: prompt plus output."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end) of prompt + output."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids[start:] if start < n else []) + self.output_ids[
+            max(start - n, 0) : end - n
+        ]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step produced for one request: a new token, and whether it finished."""
+
+    rid: str
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # "stop" | "length" | None while running
+    matched_stop: int | None

@@ -1,0 +1,116 @@
+"""Loading HF tokenizers, turning prompts into token ids, and incremental detokenization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Tokenizer(Protocol):
+    """The subset of a transformers tokenizer that minisgl uses."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
+ChatMessage = dict[str, str]
+Prompt = str | list[int] | list[ChatMessage]
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """AutoTokenizer for a checkpoint directory (offline: never reaches a hub)."""
+    from transformers import AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return tok  # type: ignore[no-any-return]
+
+
+def encode_prompt(tok: Tokenizer | None, prompt: Prompt) -> list[int]:
+    """Token ids of a text prompt, a token-id prompt or a chat conversation."""
+    if isinstance(prompt, str):
+        if tok is None:
+            raise ValueError("prompt: this model has no tokenizer; pass token ids")
+        return list(tok.encode(prompt))
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]  # type: ignore[arg-type]
+    if all(isinstance(m, dict) for m in prompt):
+        if tok is None:
+            raise ValueError("prompt: this model has no tokenizer for chat messages")
+        for i, m in enumerate(prompt):
+            assert isinstance(m, dict)
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"prompt: message {i} needs string 'role' and 'content'")
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return list(tok.encode(text, add_special_tokens=False))
+    raise ValueError("prompt: must be a string, a list of token ids or a list of chat messages")
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character.
+
+    Stop strings are matched on the decoded text; once one matches, the text ends there
+    (including the stop string only if asked) and `matched_stop` is set. Text that could be
+    the start of a stop string is held back until it is known not to be.
+    """
+
+    def __init__(
+        self,
+        tok: Tokenizer,
+        stop: Sequence[str] = (),
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self.tok = tok
+        self.stop = list(stop)
+        self.include_stop = include_stop
+        self.skip_special = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context
+        self._read = 0  # tokens before this are in self.text
+        self.text = ""
+        self._sent = 0  # characters of self.text already returned
+        self.matched_stop: str | None = None
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Feed new token ids; return the text that is now safe to emit."""
+        if self.matched_stop is not None:
+            return ""
+        self.ids.extend(token_ids)
+        before = self.tok.decode(self.ids[self._prefix : self._read], self.skip_special)
+        window = self.tok.decode(self.ids[self._prefix :], self.skip_special)
+        if window.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for more tokens
+        start = len(self.text)
+        self.text += window[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        if self.stop:
+            self._match_stop(max(0, start - self._hold))
+        end = len(self.text) if self.matched_stop is not None else len(self.text) - self._hold
+        return self._emit(end)
+
+    def flush(self) -> str:
+        """At the end of a request: whatever text is still held back."""
+        return self._emit(len(self.text))
+
+    def _match_stop(self, search_from: int) -> None:
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            i, s = min(hits)
+            self.text = self.text[: i + (len(s) if self.include_stop else 0)]
+            self.matched_stop = s
+
+    def _emit(self, end: int) -> str:
+        if end <= self._sent:
+            return ""
+        delta = self.text[self._sent : end]
+        self._sent = end
+        return delta

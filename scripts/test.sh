@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command: installs what it needs into a virtualenv, then lints, type-checks
+# and runs the CPU test suite. Works on a fresh machine with only Python >= 3.10 and pip.
+# Usage: bash scripts/test.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    [ -d .venv ] || python3 -m venv .venv
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+python -m pip install -q --upgrade pip
+# The CPU build of torch (2.13.0 lies on disk on our CPU machines); keep an installed torch as is.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test,dev]"
+
+echo "== ruff"
+ruff check minisgl tests scripts
+ruff format --check minisgl tests scripts
+echo "== mypy"
+mypy minisgl
+echo "== pytest"
+python -m pytest -q "$@"

@@ -97,6 +97,7 @@ class LLM:
                 params.stop,
                 params.include_stop_str_in_output,
                 params.skip_special_tokens,
+                params.min_new_tokens,
             )
         self._pending[rid] = _Pending(ids, params, detok, [], [], [])
         return rid

@@ -146,4 +146,5 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
     row = _fmix32(_fmix32(_fmix32(lo ^ 0x9E3779B9) ^ hi) ^ (steps & _MASK32))
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     h = _fmix32(_fmix32((row[:, None] + tok[None, :] * 0x27D4EB2F) & _MASK32) ^ row[:, None])
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: (2**23 - 1 + 0.5) / 2**23 is exactly representable in float32, so u < 1 always.
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))

@@ -56,9 +56,10 @@ def encode_prompt(tok: Tokenizer | None, prompt: Prompt) -> list[int]:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character.
 
-    Stop strings are matched on the decoded text; once one matches, the text ends there
-    (including the stop string only if asked) and `matched_stop` is set. Text that could be
-    the start of a stop string is held back until it is known not to be.
+    Stop strings are matched on the decoded text once `min_new_tokens` tokens have been
+    fed; when one matches, the text ends there (including the stop string only if asked)
+    and `matched_stop` is set. A tail of the text that could be the start of a stop string
+    is held back until it is known not to be.
     """
 
     def __init__(
@@ -67,46 +68,71 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop: bool = False,
         skip_special_tokens: bool = True,
+        min_new_tokens: int = 0,
     ) -> None:
         self.tok = tok
         self.stop = list(stop)
         self.include_stop = include_stop
         self.skip_special = skip_special_tokens
+        self.min_new_tokens = min_new_tokens
         self.ids: list[int] = []
         self._prefix = 0  # start of the window decoded for context
         self._read = 0  # tokens before this are in self.text
         self.text = ""
         self._sent = 0  # characters of self.text already returned
+        self._searched = 0  # stop strings cannot start before this character
         self.matched_stop: str | None = None
-        self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Feed new token ids; return the text that is now safe to emit."""
         if self.matched_stop is not None:
             return ""
         self.ids.extend(token_ids)
-        before = self.tok.decode(self.ids[self._prefix : self._read], self.skip_special)
-        window = self.tok.decode(self.ids[self._prefix :], self.skip_special)
-        if window.endswith("\ufffd"):
+        if not self._decode(final=False):
             return ""  # an incomplete UTF-8 sequence: wait for more tokens
-        start = len(self.text)
-        self.text += window[len(before) :]
-        self._prefix, self._read = self._read, len(self.ids)
-        if self.stop:
-            self._match_stop(max(0, start - self._hold))
-        end = len(self.text) if self.matched_stop is not None else len(self.text) - self._hold
-        return self._emit(end)
+        self._match_stop()
+        if self.matched_stop is not None:
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - self._possible_stop_prefix())
 
     def flush(self) -> str:
-        """At the end of a request: whatever text is still held back."""
+        """At the end of a request: everything not yet returned, undecodable bytes included."""
+        if self.matched_stop is None and self._read < len(self.ids):
+            self._decode(final=True)
+            self._match_stop()
         return self._emit(len(self.text))
 
-    def _match_stop(self, search_from: int) -> None:
-        hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+    def _decode(self, final: bool) -> bool:
+        """Append the text of the tokens not yet decoded; False if they end mid-character."""
+        before = self.tok.decode(self.ids[self._prefix : self._read], self.skip_special)
+        window = self.tok.decode(self.ids[self._prefix :], self.skip_special)
+        if window.endswith("\ufffd") and not final:
+            return False
+        self.text += window[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        return True
+
+    def _match_stop(self) -> None:
+        if not self.stop or len(self.ids) < self.min_new_tokens:
+            self._searched = len(self.text)
+            return
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, self._searched)) >= 0]
         if hits:
             i, s = min(hits)
             self.text = self.text[: i + (len(s) if self.include_stop else 0)]
             self.matched_stop = s
+        else:
+            self._searched = len(self.text) - self._possible_stop_prefix()
+
+    def _possible_stop_prefix(self) -> int:
+        """Length of the longest tail of the unsent text that begins some stop string."""
+        if not self.stop or len(self.ids) < self.min_new_tokens - 1:
+            return 0
+        tail = self.text[self._sent :]
+        for n in range(min(len(tail), max(len(s) for s in self.stop) - 1), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self.stop):
+                return n
+        return 0
 
     def _emit(self, end: int) -> str:
         if end <= self._sent:

@@ -285,14 +285,27 @@ class Scheduler:
 
     def _plan_decodes(self) -> list[Req]:
         """Decoding requests, with a page for each token; retracts the newest if pages run out."""
+        ps = self.page_size
         while True:
-            decodes = [r for r in self.running if r.is_decoding]
-            need = [r for r in decodes if self._pages_for(r.seq_len) > len(r.pages)]
+            decodes: list[Req] = []
+            need: list[Req] = []
+            for r in self.running:
+                seq_len = len(r.prompt_ids) + len(r.output_ids)
+                if r.num_computed == seq_len - 1:
+                    decodes.append(r)
+                    if seq_len > len(r.pages) * ps:
+                        need.append(r)
             if len(need) <= self._available_pages():
-                for req in need:
-                    self._alloc(req, 1)
-                return decodes
+                break
             self._retract(self.running[-1])
+        if need:
+            short = len(need) - self.allocator.num_free
+            if short > 0 and self.cache is not None:
+                self.cache.evict(short)
+            for req, page in zip(need, self.allocator.alloc(len(need)), strict=True):
+                self._table_writes.append((req.row, len(req.pages), page))
+                req.pages.append(page)
+        return decodes
 
     def _retract(self, req: Req) -> None:
         """Send a running request back to the front of the queue, keeping what the cache can."""
@@ -391,7 +404,8 @@ class Scheduler:
             )
             if req.finish_reason is not None:
                 self._release(req, cache_it=True)
-                self.running.remove(req)
+        if any(r.row < 0 for r, _ in plan):
+            self.running = [r for r in self.running if r.row >= 0]
         return events
 
     def _cache_prefix(self, req: Req) -> None:

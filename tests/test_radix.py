@@ -75,7 +75,9 @@ class RadixMachine(RuleBasedStateMachine):
         freed = self.cache.evict(n)
         assert freed >= min(n, before) or freed == before
         # Drop from the model what the tree no longer has; locked prefixes must all survive.
-        self.model = {k: v for k, v in self.model.items() if self.cache.match_len(list(k)) == len(k)}
+        self.model = {
+            k: v for k, v in self.model.items() if self.cache.match_len(list(k)) == len(k)
+        }
         for _, prefix in self.locks:
             for end in range(PAGE, len(prefix) + 1, PAGE):
                 assert prefix[:end] in self.model, "a locked prefix was evicted"

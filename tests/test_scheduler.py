@@ -243,7 +243,7 @@ def test_lpm_admits_requests_with_a_cached_prefix_first(
     cached_prefix = _prompts(n=1, shared=32, seed=3)[0]
     llm.generate(cached_prefix, GREEDY)
     cold = llm.submit(_prompts(n=1, shared=32, seed=4)[0], GREEDY)
-    warm = llm.submit(cached_prefix[:32] + [9, 9, 9], GREEDY)
+    warm = llm.submit([*cached_prefix[:32], 9, 9, 9], GREEDY)
     order = [out.rid for out in _run(llm).values()]
     assert order == ([warm, cold] if policy == "lpm" else [cold, warm])
     _assert_clean(llm)

@@ -63,6 +63,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=8192,
         help="most new tokens per forward step (long prompts are chunked)",
     )
+    g.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="recompute every prompt instead of reusing cached prefixes",
+    )
+    g.add_argument(
+        "--schedule-policy",
+        default="fcfs",
+        choices=["fcfs", "lpm"],
+        help="fcfs: first come first served; lpm: longest cached prefix first",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for --dummy-weights")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -34,6 +34,10 @@ class EngineConfig:
     """Context length (prompt + output); default the model's max_position_embeddings."""
     chunked_prefill_size: int = 8192
     """Most new tokens in one forward step; longer prompts are prefilled in chunks."""
+    disable_radix_cache: bool = False
+    """Recompute every prompt instead of reusing cached prefixes."""
+    schedule_policy: str = "fcfs"
+    """fcfs (first come, first served) | lpm (longest cached prefix first)."""
     seed: int = 0
     """Seed for dummy weights."""
     progress: bool = True
@@ -64,5 +68,7 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.chunked_prefill_size < 1:
             raise ValueError("chunked_prefill_size must be >= 1")
+        if self.schedule_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"schedule_policy must be fcfs or lpm, not {self.schedule_policy!r}")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError("mem_fraction must be in (0, 1]")

@@ -39,6 +39,7 @@ class RequestOutput:
     matched_stop: int | str | None  # the stop token id or stop string that ended it
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _Pending:
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
+    cached_tokens: int = 0
 
 
 class LLM:
@@ -154,6 +156,7 @@ class LLM:
         if pending is None:
             return None
         pending.token_ids.append(ev.token_id)
+        pending.cached_tokens = ev.cached_tokens
         if ev.logprob is not None:
             pending.logprobs.append(ev.logprob)
         if ev.top_logprobs is not None:
@@ -184,6 +187,7 @@ class LLM:
             matched_stop=matched,
             logprobs=p.logprobs if p.params.logprobs else None,
             top_logprobs=p.top_logprobs if p.params.top_logprobs else None,
+            cached_tokens=p.cached_tokens,
         )
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from minisgl.kvcache.radix import Node
 from minisgl.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)
 class Req:
-    """One generation request: its tokens, its KV pages and how far its KV is computed."""
+    """One generation request: its tokens, its KV pages and how far its KV is computed.
+
+    `pages[:shared_pages]` belong to the radix cache (locked through `node`); the rest are
+    the request's own. Tokens [0, num_computed) have their KV in those pages.
+    """
 
     rid: str
     prompt_ids: list[int]
@@ -19,9 +24,11 @@ class Req:
     max_new_tokens: int
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    shared_pages: int = 0
+    node: Node | None = None
     row: int = -1
     num_computed: int = 0
-    reserved_pages: int = 0
+    cached_tokens: int = -1  # prompt tokens reused at first admission; -1 until admitted
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
@@ -31,6 +38,15 @@ class Req:
     def seq_len(self) -> int:
         """Tokens known so far: prompt plus output."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        """Every known token but the newest has its KV: the next step computes one token."""
+        return self.num_computed == self.seq_len - 1
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.max_new_tokens - len(self.output_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output."""
@@ -52,3 +68,5 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None  # "stop" | "length" | None while running
     matched_stop: int | None
+    prompt_tokens: int
+    cached_tokens: int

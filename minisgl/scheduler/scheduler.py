@@ -1,44 +1,74 @@
-"""Continuous batching: requests join and leave the running batch at every step.
+"""Continuous batching with a radix prefix cache, chunked prefill and retraction.
 
-Each step the scheduler picks tokens to compute: one for every decoding request, then
-prompt tokens of prefilling requests up to the chunked-prefill budget (so prefill and
-decode share forwards), admits waiting requests FCFS while KV pages and rows allow,
-runs the model, samples, and reports a TokenEvent per request that produced a token.
+Each step the scheduler
+1. plans one token for every decoding request, retracting the newest requests back to the
+   queue if the pool cannot hold the pages those tokens need;
+2. continues prefills in progress, then admits waiting requests (FCFS or longest prefix
+   first) while rows, pages and the chunked-prefill token budget allow; an admitted request
+   reuses its longest cached prefix and gets pages for the rest of its prompt at once;
+3. runs one forward over all of it (prefill chunks and decodes together), samples, and
+   reports a TokenEvent for each request that produced a token.
+
+Pages are free (in the allocator), cached (owned by the radix tree), or private to one
+running request; `check_invariants` verifies that they add up.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from minisgl.attention.base import ForwardBatch
 from minisgl.config import EngineConfig
 from minisgl.engine.model_runner import ModelRunner
-from minisgl.engine.sampler import Penalties, SamplingBatch
+from minisgl.engine.sampler import SampleOutput
 from minisgl.kvcache.allocator import PageAllocator
 from minisgl.kvcache.pool import KVPool
+from minisgl.kvcache.radix import RadixCache
 from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler.batch import build_forward_batch, build_sampling_batch
 from minisgl.scheduler.request import Req, TokenEvent
 
 log = logging.getLogger(__name__)
 
+#: Share of their remaining max_new_tokens that running requests are assumed to still need
+#: when admitting more work; it decays towards MIN while nothing is retracted.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+#: Above this many waiting requests, longest-prefix-first falls back to FCFS.
+LPM_MAX_QUEUE = 128
 
-@dataclass(frozen=True)
+
+@dataclass
 class SchedulerStats:
-    """Counters for load reporting."""
+    """Load and cache counters (cumulative ones since start)."""
 
     waiting: int
     running: int
     free_pages: int
+    cached_pages: int
     total_pages: int
+    prompt_tokens: int
+    cached_tokens: int
+    computed_tokens: int
+    retractions: int
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def pool_usage(self) -> float:
+        return 1.0 - self.free_pages / self.total_pages
 
 
 class Scheduler:
-    """Owns the queues, the KV pool and its pages; drives the ModelRunner step by step."""
+    """Owns the queues, the KV pool, its pages and the prefix cache; drives the ModelRunner."""
 
     def __init__(self, cfg: EngineConfig, runner: ModelRunner, max_model_len: int) -> None:
         self.cfg = cfg
@@ -59,22 +89,28 @@ class Scheduler:
             runner.device,
         )
         self.allocator = PageAllocator(num_pages)
-        self.max_pages_per_req = -(-max_model_len // cfg.page_size)
+        self.cache = None if cfg.disable_radix_cache else RadixCache(cfg.page_size, self.allocator)
         self.page_table = torch.zeros(
             cfg.max_running_requests,
-            self.max_pages_per_req,
+            -(-max_model_len // cfg.page_size),
             dtype=torch.int32,
             device=runner.device,
         )
         self.free_rows = list(range(cfg.max_running_requests - 1, -1, -1))
         self.waiting: deque[Req] = deque()
-        self.running: list[Req] = []
-        self.reserved_pages = 0
+        self.running: list[Req] = []  # in admission order: retraction takes from the end
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self._table_writes: list[tuple[int, int, int]] = []
+        self._prompt_tokens = self._cached_tokens = self._computed_tokens = 0
+        self._retractions = 0
         log.info(
-            "KV cache: %d pages x %d tokens (%.2f GiB)",
+            "KV cache: %d pages x %d tokens = %d tokens (%.2f GiB), radix cache %s, policy %s",
             num_pages,
             cfg.page_size,
+            num_pages * cfg.page_size,
             num_pages * self._page_bytes() / 2**30,
+            "off" if self.cache is None else "on",
+            cfg.schedule_policy,
         )
 
     # ----- sizing -------------------------------------------------------------------------
@@ -126,18 +162,17 @@ class Scheduler:
         if not params.ignore_eos:
             stop_ids |= self.eos_ids
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        req = Req(rid, list(prompt_ids), params, seed, frozenset(stop_ids), max_new)
-        self.waiting.append(req)
+        self.waiting.append(Req(rid, list(prompt_ids), params, seed, frozenset(stop_ids), max_new))
 
     def abort(self, rid: str) -> bool:
-        """Drop a request wherever it is, releasing its pages; False if unknown."""
+        """Drop a request wherever it is (queued, retracted, prefilling, decoding)."""
         for req in self.waiting:
             if req.rid == rid:
                 self.waiting.remove(req)
                 return True
         for req in self.running:
             if req.rid == rid:
-                self._release(req)
+                self._release(req, cache_it=False)
                 self.running.remove(req)
                 return True
         return False
@@ -147,21 +182,42 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
-            len(self.waiting), len(self.running), self.allocator.num_free, self.allocator.num_pages
+            waiting=len(self.waiting),
+            running=len(self.running),
+            free_pages=self.allocator.num_free,
+            cached_pages=self.cache.cached_pages if self.cache else 0,
+            total_pages=self.allocator.num_pages,
+            prompt_tokens=self._prompt_tokens,
+            cached_tokens=self._cached_tokens,
+            computed_tokens=self._computed_tokens,
+            retractions=self._retractions,
         )
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if pages, rows or reservations are inconsistent."""
-        self.allocator.check(sum(len(r.pages) for r in self.running))
+        """Raise AssertionError if pages, rows, locks or the tree are inconsistent."""
+        private = sum(len(r.pages) - r.shared_pages for r in self.running)
+        cached = 0
+        if self.cache is not None:
+            self.cache.check()
+            cached = self.cache.cached_pages
+        if self.allocator.num_free + cached + private != self.allocator.num_pages:
+            raise AssertionError(
+                f"KV pages leaked: free {self.allocator.num_free} + cached {cached} + "
+                f"in use {private} != total {self.allocator.num_pages}"
+            )
+        self.allocator.check(self.allocator.num_pages - self.allocator.num_free)
         rows = [r.row for r in self.running]
         if len(set(rows)) != len(rows) or set(rows) & set(self.free_rows):
             raise AssertionError("page-table rows double-booked")
         if len(rows) + len(self.free_rows) != self.cfg.max_running_requests:
             raise AssertionError("page-table rows leaked")
-        if self.reserved_pages != sum(r.reserved_pages for r in self.running):
-            raise AssertionError("page reservations out of sync")
-        if self.reserved_pages > self.allocator.num_free:
-            raise AssertionError("more pages reserved than free")
+        if any(r.pages or r.node is not None for r in self.waiting):
+            raise AssertionError("a waiting request holds pages")
+
+    def release_all_cache(self) -> None:
+        """Evict every unlocked radix entry (tests use this to see the pool full again)."""
+        if self.cache is not None:
+            self.cache.reset()
 
     # ----- one step -----------------------------------------------------------------------
 
@@ -170,155 +226,154 @@ class Scheduler:
         plan = self._schedule()
         if not plan:
             return []
-        batch = self._build_batch(plan)
+        self._flush_table_writes()
+        batch = build_forward_batch(plan, self.page_table, self.pool, self.runner.attn)
         logits = self.runner.forward(batch)
-        sampled = self.runner.sample(logits, self._sampling_batch([r for r, _ in plan]))
+        reqs = [r for r, _ in plan]
+        sampled = self.runner.sample(
+            logits, build_sampling_batch(reqs, self.vocab_size, self.runner.device)
+        )
+        self._computed_tokens += sum(n for _, n in plan)
         return self._process(plan, sampled)
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    def _available_pages(self) -> int:
+        evictable = self.cache.evictable_pages if self.cache is not None else 0
+        return self.allocator.num_free + evictable
+
+    def _alloc(self, req: Req, n: int) -> None:
+        """Give `req` n more pages, evicting cached ones if needed (caller checked availability)."""
+        if n <= 0:
+            return
+        short = n - self.allocator.num_free
+        if short > 0 and self.cache is not None:
+            self.cache.evict(short)
+        pages = self.allocator.alloc(n)
+        start = len(req.pages)
+        self._table_writes += [(req.row, start + i, p) for i, p in enumerate(pages)]
+        req.pages += pages
+
+    def _flush_table_writes(self) -> None:
+        if not self._table_writes:
+            return
+        rows, cols, pages = zip(*self._table_writes, strict=True)
+        device = self.page_table.device
+        self.page_table[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = (
+            torch.tensor(pages, dtype=torch.int32, device=device)
+        )
+        self._table_writes.clear()
+
     def _schedule(self) -> list[tuple[Req, int]]:
         """Pick (request, number of new tokens) pairs for this step."""
-        plan: list[tuple[Req, int]] = []
+        decodes = self._plan_decodes()
+        plan = [(r, 1) for r in decodes]
         budget = self.cfg.chunked_prefill_size
-        # Decodes first: each needs one token and never waits behind a prefill.
-        for req in self.running:
-            if req.num_computed == req.seq_len - 1:
-                plan.append((req, 1))
-                budget -= 1
         for req in self.running:
             remaining = req.seq_len - req.num_computed
             if remaining > 1 and budget > 0:
                 n = min(remaining, budget)
                 plan.append((req, n))
                 budget -= n
-        while self.waiting and budget > 0 and self.free_rows:
-            req = self.waiting[0]
-            need = self._pages_for(len(req.prompt_ids) + req.max_new_tokens)
-            if self.allocator.num_free - self.reserved_pages < need:
+        if budget > 0:
+            plan += self._admit(budget)
+        self.new_token_ratio = max(
+            MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
+        )
+        return plan
+
+    def _plan_decodes(self) -> list[Req]:
+        """Decoding requests, with a page for each token; retracts the newest if pages run out."""
+        ps = self.page_size
+        while True:
+            decodes: list[Req] = []
+            need: list[Req] = []
+            for r in self.running:
+                seq_len = len(r.prompt_ids) + len(r.output_ids)
+                if r.num_computed == seq_len - 1:
+                    decodes.append(r)
+                    if seq_len > len(r.pages) * ps:
+                        need.append(r)
+            if len(need) <= self._available_pages():
                 break
-            self.waiting.popleft()
+            self._retract(self.running[-1])
+        if need:
+            short = len(need) - self.allocator.num_free
+            if short > 0 and self.cache is not None:
+                self.cache.evict(short)
+            for req, page in zip(need, self.allocator.alloc(len(need)), strict=True):
+                self._table_writes.append((req.row, len(req.pages), page))
+                req.pages.append(page)
+        return decodes
+
+    def _retract(self, req: Req) -> None:
+        """Send a running request back to the front of the queue, keeping what the cache can."""
+        self._release(req, cache_it=True)
+        self.running.remove(req)
+        req.num_computed = 0
+        self.waiting.appendleft(req)
+        self._retractions += 1
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        log.debug("retracted %s (%d tokens)", req.rid, req.seq_len)
+
+    def _ordered_waiting(self) -> list[Req]:
+        """Waiting requests in admission order (LPM: longest cached prefix first, stable)."""
+        queue = list(self.waiting)
+        cache = self.cache
+        if self.cfg.schedule_policy == "lpm" and cache is not None and len(queue) <= LPM_MAX_QUEUE:
+            queue.sort(key=lambda r: -cache.match_len(r.token_slice(0, r.seq_len - 1)))
+        return queue
+
+    def _admit(self, budget: int) -> list[tuple[Req, int]]:
+        """Admit waiting requests while rows, pages and the token budget allow."""
+        plan: list[tuple[Req, int]] = []
+        # Pages the running requests are expected to need for their remaining tokens.
+        growth = sum(r.remaining_new_tokens for r in self.running)
+        reserve = math.ceil(self.new_token_ratio * growth / self.page_size)
+        for req in self._ordered_waiting():
+            if budget <= 0 or not self.free_rows:
+                break
+            ids = req.token_slice(0, req.seq_len)
+            prefix_pages: list[int] = []
+            node = None
+            if self.cache is not None:
+                prefix_pages, node = self.cache.match(ids[:-1])
+                self.cache.lock(node)  # before counting what is evictable
+            new_pages = self._pages_for(len(ids)) - len(prefix_pages)
+            future = math.ceil(self.new_token_ratio * req.remaining_new_tokens / self.page_size)
+            if self._available_pages() - reserve < new_pages + future:
+                if self.cache is not None and node is not None:
+                    self.cache.unlock(node)
+                break
+            self.waiting.remove(req)
             req.row = self.free_rows.pop()
-            req.reserved_pages = need
-            self.reserved_pages += need
+            req.pages, req.shared_pages, req.node = list(prefix_pages), len(prefix_pages), node
+            self._table_writes += [(req.row, i, p) for i, p in enumerate(prefix_pages)]
+            req.num_computed = len(prefix_pages) * self.page_size
+            if req.cached_tokens < 0:
+                req.cached_tokens = req.num_computed
+                self._prompt_tokens += len(req.prompt_ids)
+                self._cached_tokens += req.num_computed
+            self._alloc(req, new_pages)
             self.running.append(req)
-            n = min(req.seq_len, budget)
+            reserve += future
+            n = min(len(ids) - req.num_computed, budget)
             plan.append((req, n))
             budget -= n
         return plan
 
-    def _build_batch(self, plan: list[tuple[Req, int]]) -> ForwardBatch:
-        ps = self.page_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        new_rows: list[int] = []
-        new_cols: list[int] = []
-        new_pages: list[int] = []
-        for req, n in plan:
-            start, end = req.num_computed, req.num_computed + n
-            grow = self._pages_for(end) - len(req.pages)
-            if grow > 0:
-                pages = self.allocator.alloc(grow)
-                new_rows += [req.row] * grow
-                new_cols += range(len(req.pages), len(req.pages) + grow)
-                new_pages += pages
-                req.pages += pages
-                req.reserved_pages -= grow
-                self.reserved_pages -= grow
-            input_ids += req.token_slice(start, end)
-            positions += range(start, end)
-            slots += [req.pages[p // ps] * ps + p % ps for p in range(start, end)]
-        device = self.runner.device
-        if new_pages:
-            self.page_table[
-                torch.tensor(new_rows, device=device), torch.tensor(new_cols, device=device)
-            ] = torch.tensor(new_pages, dtype=torch.int32, device=device)
-        seq_lens = [req.num_computed + n for req, n in plan]
-        ext = [n for _, n in plan]
-
-        def tensor(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        return ForwardBatch(
-            input_ids=tensor(input_ids),
-            positions=tensor(positions),
-            out_slots=tensor(slots),
-            req_rows=tensor([req.row for req, _ in plan]),
-            page_table=self.page_table,
-            seq_lens=tensor(seq_lens, torch.int32),
-            extend_lens=tensor(ext, torch.int32),
-            seq_lens_cpu=seq_lens,
-            extend_lens_cpu=ext,
-            page_size=ps,
-            k_caches=self.pool.k_caches,
-            v_caches=self.pool.v_caches,
-            attn=self.runner.attn,
-        )
-
-    def _sampling_batch(self, reqs: list[Req]) -> SamplingBatch:
-        device = self.runner.device
-        vocab = self.vocab_size
-        params = [r.params for r in reqs]
-
-        def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-
-        def ints(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
-        def padded(rows: list[list[int]]) -> torch.Tensor:
-            width = max(1, max(len(r) for r in rows))
-            return ints([r + [vocab] * (width - len(r)) for r in rows])
-
-        penalties = None
-        if any(
-            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
-        ):
-            penalties = Penalties(
-                repetition=floats([p.repetition_penalty for p in params]),
-                presence=floats([p.presence_penalty for p in params]),
-                frequency=floats([p.frequency_penalty for p in params]),
-                seen_ids=padded([r.prompt_ids + r.output_ids for r in reqs]),
-                output_ids=padded([r.output_ids for r in reqs]),
-            )
-        banned = None
-        if any(len(r.output_ids) < r.params.min_new_tokens and r.stop_ids for r in reqs):
-            banned = padded(
-                [
-                    sorted(r.stop_ids) if len(r.output_ids) < r.params.min_new_tokens else []
-                    for r in reqs
-                ]
-            )
-        return SamplingBatch(
-            temperature=floats([p.temperature for p in params]),
-            top_k=ints([p.top_k if p.top_k > 0 else vocab for p in params]),
-            top_p=floats([p.top_p for p in params]),
-            min_p=floats([p.min_p for p in params]),
-            seeds=ints([r.seed for r in reqs]),
-            steps=ints([len(r.output_ids) for r in reqs]),
-            all_greedy=all(p.greedy for p in params),
-            use_top_k=any(0 < p.top_k < vocab and not p.greedy for p in params),
-            use_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
-            use_min_p=any(p.min_p > 0.0 and not p.greedy for p in params),
-            penalties=penalties,
-            banned_ids=banned,
-            want_logprobs=any(p.logprobs for p in params),
-            top_logprobs=max(p.top_logprobs for p in params),
-        )
-
-    def _process(self, plan: list[tuple[Req, int]], sampled: object) -> list[TokenEvent]:
-        from minisgl.engine.sampler import SampleOutput
-
-        assert isinstance(sampled, SampleOutput)
+    def _process(self, plan: list[tuple[Req, int]], sampled: SampleOutput) -> list[TokenEvent]:
         ids = sampled.token_ids.tolist()
         lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
         top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         events: list[TokenEvent] = []
         for i, (req, n) in enumerate(plan):
+            was_prefill = n > 1 or not req.is_decoding
             req.num_computed += n
+            if was_prefill and self.cache is not None:
+                self._cache_prefix(req)
             if req.num_computed < req.seq_len:
                 continue  # a prefill chunk that is not the prompt's last
             token = ids[i]
@@ -333,21 +388,51 @@ class Scheduler:
                 req.top_logprobs.append(top)
             if token in req.stop_ids and len(req.output_ids) >= req.params.min_new_tokens:
                 req.finish_reason, req.matched_stop = "stop", token
-            elif len(req.output_ids) >= req.max_new_tokens or req.seq_len >= self.max_model_len:
+            elif req.remaining_new_tokens <= 0 or req.seq_len >= self.max_model_len:
                 req.finish_reason = "length"
             events.append(
-                TokenEvent(req.rid, token, logprob, top, req.finish_reason, req.matched_stop)
+                TokenEvent(
+                    req.rid,
+                    token,
+                    logprob,
+                    top,
+                    req.finish_reason,
+                    req.matched_stop,
+                    len(req.prompt_ids),
+                    req.cached_tokens,
+                )
             )
-        finished = [r for r, _ in plan if r.finish_reason is not None]
-        for req in finished:
-            self._release(req)
-            self.running.remove(req)
+            if req.finish_reason is not None:
+                self._release(req, cache_it=True)
+        if any(r.row < 0 for r, _ in plan):
+            self.running = [r for r in self.running if r.row >= 0]
         return events
 
-    def _release(self, req: Req) -> None:
-        self.allocator.free(req.pages)
-        req.pages = []
-        self.reserved_pages -= req.reserved_pages
-        req.reserved_pages = 0
+    def _cache_prefix(self, req: Req) -> None:
+        """Put the request's computed full pages into the radix tree and lock them for it."""
+        assert self.cache is not None
+        full = req.num_computed // self.page_size
+        if full <= req.shared_pages:
+            return
+        tree_pages, node = self.cache.insert(
+            req.token_slice(0, full * self.page_size), req.pages[:full]
+        )
+        for i, (mine, theirs) in enumerate(zip(req.pages[:full], tree_pages, strict=True)):
+            if mine != theirs:  # someone cached this part first: use theirs (ours were freed)
+                req.pages[i] = theirs
+                self._table_writes.append((req.row, i, theirs))
+        self.cache.lock(node)
+        if req.node is not None:
+            self.cache.unlock(req.node)
+        req.node, req.shared_pages = node, full
+
+    def _release(self, req: Req, cache_it: bool) -> None:
+        """Give back the request's pages and row; with cache_it, computed pages go to the tree."""
+        if self.cache is not None and cache_it:
+            self._cache_prefix(req)
+        if self.cache is not None and req.node is not None:
+            self.cache.unlock(req.node)
+        self.allocator.free(req.pages[req.shared_pages :])
+        req.pages, req.shared_pages, req.node = [], 0, None
         self.free_rows.append(req.row)
         req.row = -1

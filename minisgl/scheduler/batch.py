@@ -1,0 +1,100 @@
+"""Turn the scheduler's plan into the tensors a forward step and the sampler need."""
+
+from __future__ import annotations
+
+import torch
+
+from minisgl.attention.base import AttentionBackend, ForwardBatch
+from minisgl.engine.sampler import Penalties, SamplingBatch
+from minisgl.kvcache.pool import KVPool
+from minisgl.scheduler.request import Req
+
+
+def build_forward_batch(
+    plan: list[tuple[Req, int]],
+    page_table: torch.Tensor,
+    pool: KVPool,
+    attn: AttentionBackend,
+) -> ForwardBatch:
+    """A ForwardBatch computing `n` new tokens of each (req, n); pages must be in place."""
+    ps = pool.page_size
+    device = page_table.device
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    for req, n in plan:
+        start, end = req.num_computed, req.num_computed + n
+        input_ids += req.token_slice(start, end)
+        positions += range(start, end)
+        pages = req.pages
+        slots += [pages[p // ps] * ps + p % ps for p in range(start, end)]
+    seq_lens = [req.num_computed + n for req, n in plan]
+    ext = [n for _, n in plan]
+
+    def tensor(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        input_ids=tensor(input_ids),
+        positions=tensor(positions),
+        out_slots=tensor(slots),
+        req_rows=tensor([req.row for req, _ in plan]),
+        page_table=page_table,
+        seq_lens=tensor(seq_lens, torch.int32),
+        extend_lens=tensor(ext, torch.int32),
+        seq_lens_cpu=seq_lens,
+        extend_lens_cpu=ext,
+        page_size=ps,
+        k_caches=pool.k_caches,
+        v_caches=pool.v_caches,
+        attn=attn,
+    )
+
+
+def build_sampling_batch(reqs: list[Req], vocab: int, device: torch.device) -> SamplingBatch:
+    """Per-row sampling tensors; penalty and ban tensors only when some request needs them."""
+    params = [r.params for r in reqs]
+
+    def floats(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+
+    def ints(values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(r) for r in rows))
+        return ints([r + [vocab] * (width - len(r)) for r in rows])
+
+    penalties = None
+    if any(
+        p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
+    ):
+        penalties = Penalties(
+            repetition=floats([p.repetition_penalty for p in params]),
+            presence=floats([p.presence_penalty for p in params]),
+            frequency=floats([p.frequency_penalty for p in params]),
+            seen_ids=padded([r.prompt_ids + r.output_ids for r in reqs]),
+            output_ids=padded([r.output_ids for r in reqs]),
+        )
+    too_early = [len(r.output_ids) < r.params.min_new_tokens for r in reqs]
+    banned = None
+    if any(too_early):
+        banned = padded(
+            [sorted(r.stop_ids) if t else [] for r, t in zip(reqs, too_early, strict=True)]
+        )
+    return SamplingBatch(
+        temperature=floats([p.temperature for p in params]),
+        top_k=ints([p.top_k if p.top_k > 0 else vocab for p in params]),
+        top_p=floats([p.top_p for p in params]),
+        min_p=floats([p.min_p for p in params]),
+        seeds=ints([r.seed for r in reqs]),
+        steps=ints([len(r.output_ids) for r in reqs]),
+        all_greedy=all(p.greedy for p in params),
+        use_top_k=any(0 < p.top_k < vocab and not p.greedy for p in params),
+        use_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
+        use_min_p=any(p.min_p > 0.0 and not p.greedy for p in params),
+        penalties=penalties,
+        banned_ids=banned,
+        want_logprobs=any(p.logprobs for p in params),
+        top_logprobs=max(p.top_logprobs for p in params),
+    )

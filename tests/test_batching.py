@@ -76,6 +76,9 @@ def assert_idle(llm: LLM) -> None:
     llm.scheduler.check_invariants()
     stats = llm.scheduler.stats()
     assert stats.waiting == 0 and stats.running == 0
+    llm.scheduler.release_all_cache()  # cached prefixes hold pages until evicted
+    llm.scheduler.check_invariants()
+    stats = llm.scheduler.stats()
     assert stats.free_pages == stats.total_pages
     assert not llm.has_unfinished()
 

@@ -520,6 +520,9 @@ def assert_idle(engine: LLM) -> None:
     stats = engine.scheduler.stats()
     assert not engine.has_unfinished()
     assert (stats.waiting, stats.running) == (0, 0)
+    engine.scheduler.release_all_cache()  # cached prefixes hold pages until evicted
+    engine.scheduler.check_invariants()
+    stats = engine.scheduler.stats()
     assert stats.free_pages == stats.total_pages
 
 

@@ -1,0 +1,192 @@
+"""Offline benchmarks W1-W4 of shared/BENCHMARKS.md, with dummy weights and random prompts.
+
+    python -m minisgl.bench.offline --workload W2 --model qwen3-0.6b --hf-baseline
+    python -m minisgl.bench.offline --workload W4 --model llama-3.1-8b --json out.json
+
+Prints a table and (with --json) writes every figure: output tok/s, wall time, the card's
+measured copy bandwidth and, for W4, decode tok/s as a share of the HBM roofline.
+Engine flags (--disable-radix-cache, --chunked-prefill-size, --attention-backend, ...) are
+passed through, so each optimisation can be switched off for ablations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from minisgl.cli import add_engine_args, engine_options
+from minisgl.llm import LLM
+from minisgl.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Prompt and output lengths (inclusive ranges) and sampling of one benchmark."""
+
+    name: str
+    num_prompts: int
+    input_len: tuple[int, int]
+    output_len: tuple[int, int]
+    temperature: float
+
+
+WORKLOADS = {
+    "W1": Workload("W1", 256, (100, 1024), (100, 1024), 0.6),
+    "W2": Workload("W2", 256, (512, 512), (256, 256), 0.0),
+    "W3": Workload("W3", 500, (1, 4096), (1, 2048), 0.0),
+    "W4": Workload("W4", 1, (256, 256), (1024, 1024), 0.0),
+}
+
+
+def make_requests(w: Workload, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) pairs, reproducible from the seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(w.num_prompts):
+        n_in = rng.randint(*w.input_len)
+        n_out = rng.randint(*w.output_len)
+        out.append(([rng.randrange(10, vocab - 10) for _ in range(n_in)], n_out))
+    return out
+
+
+def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Device-to-device copy rate in bytes/s, counting read + write."""
+    if device.type != "cuda":
+        return float("nan")
+    n = int(gib * 2**30) // 2
+    src = torch.empty(n, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    reps = 20
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - t)
+
+
+def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) -> dict[str, Any]:
+    params = [
+        SamplingParams(temperature=temperature, max_new_tokens=n, ignore_eos=True, seed=i)
+        for i, (_, n) in enumerate(reqs)
+    ]
+    prompts: list[Any] = [p for p, _ in reqs]
+    # Warm up with a few short requests (compilation, graph capture stay out of the timing).
+    llm.generate(prompts[:4], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    llm.scheduler.release_all_cache()
+    sync(llm.runner.device)
+    t = time.perf_counter()
+    first_token_at: float | None = None
+    rids = [llm.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    done = 0
+    generated = 0
+    while done < len(rids):
+        outs = llm.step()
+        if first_token_at is None and (outs or any(r.output_ids for r in llm.scheduler.running)):
+            first_token_at = time.perf_counter()
+        done += len(outs)
+        generated += sum(len(o.token_ids) for o in outs)
+    sync(llm.runner.device)
+    wall = time.perf_counter() - t
+    ttft = (first_token_at or t) - t
+    return {
+        "wall_s": wall,
+        "output_tokens": generated,
+        "output_tok_s": generated / wall,
+        "ttft_s": ttft,
+        "decode_tok_s_batch1": (generated - 1) / (wall - ttft) if len(reqs) == 1 else None,
+    }
+
+
+def run_hf(
+    model_name: str, reqs: list[tuple[list[int], int]], device: torch.device
+) -> dict[str, Any]:
+    """HF transformers continuous batching (generate_batch, paged|sdpa) on the same prompts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from minisgl.models.source import PRESETS_DIR
+
+    cfg = AutoConfig.from_pretrained(str(PRESETS_DIR / f"{model_name}.json"))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation="paged|sdpa"
+        ).eval()
+    n_out = reqs[0][1]
+    assert all(n == n_out for _, n in reqs), "the HF baseline needs one output length"
+    gen = GenerationConfig(max_new_tokens=n_out, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    prompts = [p for p, _ in reqs]
+    model.generate_batch(inputs=prompts[:4], generation_config=gen)
+    sync(device)
+    t = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gen)
+    sync(device)
+    wall = time.perf_counter() - t
+    generated = sum(len(r.generated_tokens) for r in results.values())
+    del model
+    torch.cuda.empty_cache()
+    return {"wall_s": wall, "output_tokens": generated, "output_tok_s": generated / wall}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W2")
+    ap.add_argument("--num-prompts", type=int, default=None, help="override the workload's count")
+    ap.add_argument("--hf-baseline", action="store_true", help="also run HF generate_batch")
+    ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument("--log-level", default="WARNING")
+    add_engine_args(ap)
+    args = ap.parse_args()
+    logging.basicConfig(level=args.log_level.upper())
+    w = WORKLOADS[args.workload]
+    if args.num_prompts:
+        w = Workload(w.name, args.num_prompts, w.input_len, w.output_len, w.temperature)
+    opts = engine_options(args)
+    llm = LLM(args.model, **opts)
+    reqs = make_requests(w, llm.runner.model_config.vocab_size)
+    device = llm.runner.device
+    result: dict[str, Any] = {
+        "workload": asdict(w),
+        "model": args.model,
+        "engine": {k: v for k, v in opts.items() if k != "progress"},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "copy_bandwidth_gb_s": copy_bandwidth(device) / 1e9,
+        "weight_gb": llm.runner.weight_bytes() / 1e9,
+    }
+    result["minisgl"] = run_ours(llm, reqs, w.temperature)
+    if w.name == "W4":
+        mc = llm.runner.model_config
+        avg_ctx = w.input_len[0] + w.output_len[0] / 2
+        kv_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2 * avg_ctx
+        step_bytes = llm.runner.weight_bytes() + kv_bytes
+        roofline = result["copy_bandwidth_gb_s"] * 1e9 / step_bytes
+        result["roofline_tok_s"] = roofline
+        result["roofline_pct"] = 100 * result["minisgl"]["decode_tok_s_batch1"] / roofline
+    if args.hf_baseline:
+        del llm
+        torch.cuda.empty_cache()
+        result["hf"] = run_hf(args.model, reqs, device)
+        result["speedup_vs_hf"] = result["minisgl"]["output_tok_s"] / result["hf"]["output_tok_s"]
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -64,6 +64,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="most new tokens per forward step (long prompts are chunked)",
     )
     g.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)",
+    )
+    g.add_argument(
+        "--cuda-graph-max-bs",
+        type=int,
+        default=256,
+        help="largest decode batch put in a CUDA graph",
+    )
+    g.add_argument(
         "--disable-radix-cache",
         action="store_true",
         help="recompute every prompt instead of reusing cached prefixes",

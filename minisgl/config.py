@@ -34,6 +34,10 @@ class EngineConfig:
     """Context length (prompt + output); default the model's max_position_embeddings."""
     chunked_prefill_size: int = 8192
     """Most new tokens in one forward step; longer prompts are prefilled in chunks."""
+    disable_cuda_graph: bool = False
+    """Run decode steps eagerly instead of replaying captured CUDA graphs (GPU only)."""
+    cuda_graph_max_bs: int = 256
+    """Largest decode batch captured in a CUDA graph (capped by max_running_requests)."""
     disable_radix_cache: bool = False
     """Recompute every prompt instead of reusing cached prefixes."""
     schedule_policy: str = "fcfs"

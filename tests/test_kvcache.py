@@ -190,9 +190,11 @@ def test_pool_allocates_what_bytes_per_page_promises(dtype: torch.dtype) -> None
     pool = KVPool(layers, pages, page, heads, dim, dtype, torch.device("cpu"))
     assert len(pool.k_caches) == len(pool.v_caches) == layers
     for buf in pool.k_caches + pool.v_caches:
-        assert buf.shape == (pages * page, heads, dim) and buf.dtype == dtype
+        # One extra page: the scratch page that padded CUDA-graph rows use.
+        assert buf.shape == ((pages + 1) * page, heads, dim) and buf.dtype == dtype
+    assert pool.scratch_page == pages
     total = sum(b.numel() * b.element_size() for b in pool.k_caches + pool.v_caches)
-    assert total == pages * KVPool.bytes_per_page(layers, page, heads, dim, dtype)
+    assert total == (pages + 1) * KVPool.bytes_per_page(layers, page, heads, dim, dtype)
     # Every layer has its own storage.
     ptrs = {b.data_ptr() for b in pool.k_caches + pool.v_caches}
     assert len(ptrs) == 2 * layers

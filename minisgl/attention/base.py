@@ -50,10 +50,23 @@ class AttentionBackend(ABC):
     """Stores new K/V into the paged cache and attends over each request's cached tokens."""
 
     name: str = ""
+    #: Whether decode steps may be captured in CUDA graphs (see prepare_capture).
+    supports_cuda_graph: bool = False
 
     @abstractmethod
     def prepare(self, batch: ForwardBatch) -> None:
         """Build per-step metadata once, before the layers run."""
+
+    def prepare_capture(self, batch: ForwardBatch) -> None:
+        """Before capturing a decode graph of `batch`'s size: fix metadata that replays reuse.
+
+        Only backends with supports_cuda_graph implement this; forward must then read
+        everything that varies between steps from the batch's device tensors.
+        """
+        raise NotImplementedError(f"{self.name} attention does not support CUDA graphs")
+
+    def prepare_replay(self, padded: ForwardBatch, batch: ForwardBatch) -> None:  # noqa: B027
+        """Before replaying the graph captured for `padded` to run `batch` (default: nothing)."""
 
     @abstractmethod
     def forward(

@@ -9,7 +9,9 @@ import torch
 from minisgl.attention.base import AttentionBackend, ForwardBatch
 from minisgl.attention.registry import create_backend
 from minisgl.config import EngineConfig
+from minisgl.engine.cuda_graph import DecodeGraphs
 from minisgl.engine.sampler import SampleOutput, SamplingBatch, sample
+from minisgl.kvcache.pool import KVPool
 from minisgl.models.loader import build_model, init_dummy_weights, load_weights
 from minisgl.models.source import ModelSource
 
@@ -41,6 +43,8 @@ class ModelRunner:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, source.config.dtype, self.device)
         self.model_config = source.config
+        self.progress = cfg.progress
+        self.graphs: DecodeGraphs | None = None
         mc = source.config
         self.model = build_model(mc, self.dtype, self.device, max_model_len)
         if source.weights_dir is None:
@@ -60,6 +64,26 @@ class ModelRunner:
             self.attn.name,
         )
 
+    def capture_decode_graphs(
+        self, page_table: torch.Tensor, pool: KVPool, scratch_row: int, max_bs: int
+    ) -> None:
+        """Capture decode CUDA graphs over this page table and pool (if the backend allows)."""
+        if not self.attn.supports_cuda_graph:
+            log.info("%s attention cannot run in CUDA graphs; decoding eagerly", self.attn.name)
+            return
+        self.graphs = DecodeGraphs(
+            self._forward,
+            self.attn,
+            page_table,
+            pool.k_caches,
+            pool.v_caches,
+            pool.page_size,
+            scratch_row=scratch_row,
+            scratch_slot=pool.scratch_page * pool.page_size,
+            max_bs=max_bs,
+            progress=self.progress,
+        )
+
     def weight_bytes(self) -> int:
         """Bytes the parameters take on the device."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -67,7 +91,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Next-token logits [B, vocab] float32 for each request in the batch."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
         batch.attn.prepare(batch)
+        return self._forward(batch)
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         logits: torch.Tensor = self.model(batch)
         return logits
 

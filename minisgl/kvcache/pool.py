@@ -6,7 +6,11 @@ import torch
 
 
 class KVPool:
-    """K and V buffers for every layer, [num_pages * page_size, num_kv_heads, head_dim] each."""
+    """K and V buffers for every layer, [(num_pages + 1) * page_size, num_kv_heads, head_dim].
+
+    Page `num_pages` (the last) is a scratch page that no request owns: padded rows of a
+    CUDA-graph batch read and write it.
+    """
 
     def __init__(
         self,
@@ -20,7 +24,8 @@ class KVPool:
     ) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
-        shape = (num_pages * page_size, num_kv_heads, head_dim)
+        self.scratch_page = num_pages
+        shape = ((num_pages + 1) * page_size, num_kv_heads, head_dim)
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -90,13 +90,21 @@ class Scheduler:
         )
         self.allocator = PageAllocator(num_pages)
         self.cache = None if cfg.disable_radix_cache else RadixCache(cfg.page_size, self.allocator)
-        self.page_table = torch.zeros(
-            cfg.max_running_requests,
-            -(-max_model_len // cfg.page_size),
+        # One row per running request, plus a last row that points at the scratch page.
+        self.page_table = torch.full(
+            (cfg.max_running_requests + 1, -(-max_model_len // cfg.page_size)),
+            self.pool.scratch_page,
             dtype=torch.int32,
             device=runner.device,
         )
         self.free_rows = list(range(cfg.max_running_requests - 1, -1, -1))
+        if runner.device.type == "cuda" and not cfg.disable_cuda_graph:
+            runner.capture_decode_graphs(
+                self.page_table,
+                self.pool,
+                scratch_row=cfg.max_running_requests,
+                max_bs=min(cfg.cuda_graph_max_bs, cfg.max_running_requests),
+            )
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # in admission order: retraction takes from the end
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO

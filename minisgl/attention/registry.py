@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from minisgl.attention.base import AttentionBackend
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 def create_backend(name: str, scale: float) -> AttentionBackend:
@@ -13,4 +13,8 @@ def create_backend(name: str, scale: float) -> AttentionBackend:
         from minisgl.attention.torch_backend import TorchAttention
 
         return TorchAttention(scale)
+    if name == "triton":
+        from minisgl.attention.triton_backend import TritonAttention
+
+        return TritonAttention(scale)
     raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -33,7 +33,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="auto: the config's dtype on GPU, float32 on CPU",
     )
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--attention-backend", default="auto", help="auto | torch")
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="auto (triton on CUDA, torch on CPU) | torch | triton",
+    )
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     g.add_argument(
         "--num-pages",

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from minisgl.attention.base import AttentionBackend
 
 BACKENDS = ("torch", "triton")
+
+
+def resolve_backend(name: str, device_type: str) -> str:
+    """'auto': our Triton kernels on CUDA when triton imports, else the torch reference."""
+    if name != "auto":
+        return name
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch"
 
 
 def create_backend(name: str, scale: float) -> AttentionBackend:

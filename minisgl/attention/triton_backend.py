@@ -22,6 +22,7 @@ class TritonAttention(AttentionBackend):
     """
 
     name = "triton"
+    supports_cuda_graph = True
 
     def __init__(self, scale: float, num_splits: int | None = None) -> None:
         self.scale = scale
@@ -52,6 +53,17 @@ class TritonAttention(AttentionBackend):
             block_m = kernels.extend_config(head_dim, batch.k_caches[0].dtype).block_m
             blocks = kernels.extend_blocks(batch.extend_lens_cpu, batch.seq_lens_cpu, block_m)
             self._blocks = torch.tensor(blocks, dtype=torch.int32).to(device, non_blocking=True)
+
+    def prepare_capture(self, batch: ForwardBatch) -> None:
+        """A decode graph: splits sized for the longest context this page table can hold
+        (the kernel reads each sequence's length on the device, empty splits cost little)."""
+        _, num_kv_heads, _ = batch.k_caches[0].shape
+        max_len = batch.page_table.shape[1] * batch.page_size
+        self._decode = True
+        self._mid_o = self._mid_lse = None
+        self.num_splits = self.num_splits_override or kernels.choose_num_splits(
+            batch.batch_size, num_kv_heads, max_len, kernels.num_sms(batch.input_ids.device)
+        )
 
     def _empty(
         self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device

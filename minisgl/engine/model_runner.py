@@ -7,7 +7,7 @@ import logging
 import torch
 
 from minisgl.attention.base import AttentionBackend, ForwardBatch
-from minisgl.attention.registry import create_backend
+from minisgl.attention.registry import create_backend, resolve_backend
 from minisgl.config import EngineConfig
 from minisgl.engine.cuda_graph import DecodeGraphs
 from minisgl.engine.sampler import SampleOutput, SamplingBatch, sample
@@ -51,9 +51,7 @@ class ModelRunner:
             init_dummy_weights(self.model, cfg.seed)
         else:
             load_weights(self.model, source.weights_dir, progress=cfg.progress)
-        backend = cfg.attention_backend
-        if backend == "auto":
-            backend = "torch"
+        backend = resolve_backend(cfg.attention_backend, self.device.type)
         self.attn: AttentionBackend = create_backend(backend, mc.head_dim**-0.5)
         log.info(
             "model %s (%s) on %s in %s, attention backend %s",

@@ -61,12 +61,13 @@ def test_bfloat16_triton_agrees_with_torch(checkpoints: dict[str, Path], page_si
         checkpoints["llama"], dtype="bfloat16", attention_backend="triton", page_size=page_size
     )
     first = sum(r[0] == g[0] for r, g in zip(ref, got, strict=True)) / len(ref)
+    pairs = list(zip(ref, got, strict=True))
     prefix = [
-        next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), len(r)) for r, g in zip(ref, got)
+        next((i for i, (a, b) in enumerate(zip(r, g, strict=True)) if a != b), len(r))
+        for r, g in pairs
     ]
-    print(
-        f"bf16 first-token agreement {first:.1%}, mean agreeing prefix {sum(prefix) / len(prefix):.1f} / {len(ref[0])}"
-    )
+    mean_prefix = sum(prefix) / len(prefix)
+    print(f"bf16: first token agrees {first:.1%}, mean agreeing prefix {mean_prefix:.1f}")
     assert first >= 0.9, f"first-token agreement {first:.1%}"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minisgl.layers.fused import fused_for
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, as the HF reference does."""
@@ -15,6 +17,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_for(x)
+        if fused is not None:
+            out: torch.Tensor = fused.rmsnorm(x, self.weight, self.eps)
+            return out
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -24,5 +30,11 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual)."""
+        fused = fused_for(x)
+        if fused is not None:
+            pair: tuple[torch.Tensor, torch.Tensor] = fused.add_rmsnorm(
+                x, residual, self.weight, self.eps
+            )
+            return pair
         summed = x + residual
         return self.forward(summed), summed

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from minisgl.layers.fused import fused_for
 from minisgl.models.config import RopeConfig
 
 
@@ -46,7 +47,11 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (same shapes and dtypes)."""
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated (same shapes and dtypes; in place on GPU)."""
+        fused = fused_for(q)
+        if fused is not None:
+            fused.rotary_(positions, q, k, self.cos_sin)
+            return q, k
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

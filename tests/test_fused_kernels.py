@@ -9,12 +9,12 @@ from types import ModuleType
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from tests.fused_cases import check_rmsnorm, check_rotary, check_silu  # noqa: E402
+from tests.fused_cases import check_rmsnorm, check_rotary, check_silu
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -138,6 +138,12 @@ class TokenizeResult(msgspec.Struct, tag=True):
     error: str | None = None
 
 
+class WorkerReady(msgspec.Struct, tag=True):
+    """tokenizer / detokenizer -> frontend: loaded and listening (the scheduler sends ModelInfo)."""
+
+    name: str
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """-> any worker: exit now."""
 
@@ -153,5 +159,6 @@ Message = (
     | Load
     | TokenizeCall
     | TokenizeResult
+    | WorkerReady
     | Shutdown
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
 from minisgl.ipc.messages import Delta, GenerateReq, ModelInfo
 from minisgl.sampling_params import SamplingParams
 from minisgl.v1 import common_pb2, generation_pb2
@@ -147,3 +149,57 @@ def finish_pb(delta: Delta) -> common_pb2.Finish:
     elif isinstance(delta.matched_stop, int):
         finish.stop_token_id = delta.matched_stop
     return finish
+
+
+def bad_utf8_field(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:
+    """The dotted name of a string field of serialized `data` that is not valid UTF-8.
+
+    protobuf only says "String field had bad UTF-8"; this walks the wire format to name the
+    field. None if there is none, or if `data` is not well-formed enough to tell.
+    """
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                size, pos = _varint(data, pos)
+                value, pos = data[pos : pos + size], pos + size
+                field = descriptor.fields_by_number.get(number)
+                if field is None:
+                    continue
+                name = prefix + field.name
+                if field.type == FieldDescriptor.TYPE_STRING and not _is_utf8(value):
+                    return name
+                if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
+                    found = bad_utf8_field(field.message_type, value, name + ".")
+                    if found is not None:
+                        return found
+            else:
+                return None  # groups are not proto3
+    except IndexError:
+        return None
+    return None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7

@@ -11,11 +11,13 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
 
 import grpc
 import zmq.asyncio
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -30,6 +32,7 @@ from minisgl.ipc.messages import (
     ReqError,
     TokenizeCall,
     TokenizeResult,
+    WorkerReady,
 )
 from minisgl.ipc.transport import AsyncReceiver, AsyncSender, Endpoints
 from minisgl.server import convert
@@ -53,6 +56,8 @@ _CODES = {
     "internal": grpc.StatusCode.INTERNAL,
 }
 TOKENIZE_TIMEOUT_S = 30.0
+#: Workers that announce themselves with WorkerReady (the scheduler sends ModelInfo instead).
+READY_WORKERS = frozenset({"tokenizer", "detokenizer"})
 
 
 class Frontend:
@@ -71,7 +76,9 @@ class Frontend:
         self.awaiting_first: set[str] = set()
         self.calls: dict[int, asyncio.Future[TokenizeResult]] = {}
         self._call_ids = itertools.count()
+        self.workers_ready: set[str] = set()
         self.ready = asyncio.Event()
+        """Set once the scheduler is warm and the tokenizer and detokenizer are loaded."""
 
     async def set_health(self, serving: bool) -> None:
         status = (
@@ -103,9 +110,17 @@ class Frontend:
             fut = self.calls.pop(msg.call_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
-        elif isinstance(msg, ModelInfo):
-            self.info = msg
-            self.ready.set()
+        elif isinstance(msg, ModelInfo | WorkerReady):
+            if isinstance(msg, ModelInfo):
+                self.info = msg
+            else:
+                self.workers_ready.add(msg.name)
+            if self.info is not None and self.workers_ready >= READY_WORKERS:
+                self.ready.set()
+
+    def ready_workers(self) -> set[str]:
+        """The workers that have finished loading (the scheduler once it sent ModelInfo)."""
+        return self.workers_ready | ({"scheduler"} if self.info is not None else set())
 
     async def mark_serving(self) -> None:
         self.state = "serving"
@@ -332,6 +347,88 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         return model_pb2.DetokenizeResponse(text=result.text or "")
 
 
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class MalformedRequest:
+    """A request body that protobuf could not parse (e.g. invalid UTF-8 in a string field)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Answers requests that do not parse with INVALID_ARGUMENT naming the field.
+
+    Left alone, grpc answers UNKNOWN ("Unexpected DecodeError"). Applies to the unary-request
+    methods of our own services: their deserializer returns a MalformedRequest instead of
+    raising, and the wrapped handler aborts when it gets one.
+    """
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        pool = generation_pb2.DESCRIPTOR.pool
+        self.inputs: dict[str, Descriptor] = {
+            f"/{name}/{method.name}": method.input_type
+            for name in service_names
+            for method in pool.FindServiceByName(name).methods
+        }
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        desc = self.inputs.get(method)
+        if handler is None or desc is None or handler.request_streaming:
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _lenient(handler, desc))
+            self._wrapped[method] = cached
+        return cached[1]
+
+
+def _lenient(handler: _Handler, desc: Descriptor) -> _Handler:
+    """`handler` with a deserializer that does not raise and a check for MalformedRequest."""
+    deserialize = handler.request_deserializer
+    assert deserialize is not None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as e:
+            field = convert.bad_utf8_field(desc, data)
+            if field is not None:
+                return MalformedRequest(f"{field}: is not valid UTF-8")
+            return MalformedRequest(f"request: not a valid {desc.full_name} ({e})")
+
+    async def reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    if handler.response_streaming:
+        behavior: Any = handler.unary_stream  # typed for sync servers in grpc-stubs
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await reject(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, parse, handler.response_serializer
+        )
+    unary: Any = handler.unary_unary
+
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await reject(request, context)
+        return await unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
+
+
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     """Message size limits, keepalive policy and connection age for the gRPC server."""
     return [
@@ -351,7 +448,9 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 
 def build_server(fe: Frontend) -> grpc.aio.Server:
     """The grpc.aio server with every service, health and reflection registered."""
-    server = grpc.aio.server(options=server_options(fe.cfg))
+    server = grpc.aio.server(
+        options=server_options(fe.cfg), interceptors=[RejectMalformed(SERVICE_NAMES)]
+    )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(fe), server)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(fe), server)
     health_pb2_grpc.add_HealthServicer_to_server(fe.health, server)

@@ -20,12 +20,13 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from minisgl.config import EngineConfig
 from minisgl.ipc.messages import Shutdown
-from minisgl.ipc.transport import Endpoints
+from minisgl.ipc.transport import Endpoints, encode
 from minisgl.models.source import resolve_model
 from minisgl.server.config import ServerConfig
 
@@ -86,17 +87,24 @@ class Workers:
                 return f"{name} process exited with code {proc.exitcode}"
         return None
 
-    def stop(self) -> None:
-        """Ask each worker to exit, then make sure it has."""
+    def stop(self, ready: Collection[str]) -> None:
+        """Ask each worker in `ready` to exit, then make sure every one has.
+
+        A worker that is still loading has not bound its socket yet and would never get the
+        message (we would wait CHILD_JOIN_S for nothing): it is killed at once instead.
+        """
         import zmq
 
         ctx = zmq.Context()
-        for name in self.procs:
+        for name, proc in self.procs.items():
+            if name not in ready:
+                if proc.is_alive():
+                    log.info("%s is still starting; killing it", name)
+                    proc.kill()
+                continue
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 500)
             sock.connect(getattr(self.endpoints, name))
-            from minisgl.ipc.transport import encode
-
             sock.send(encode(Shutdown()), flags=zmq.NOBLOCK)
             sock.close()
         ctx.term()
@@ -146,7 +154,7 @@ async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) ->
         await server.stop(grace=1.0)
     finally:
         receiver.cancel()
-        workers.stop()
+        workers.stop(fe.ready_workers())
         fe.zmq.destroy(linger=0)
     log.info("stopped")
     return code

@@ -25,6 +25,7 @@ from minisgl.ipc.messages import (
     TokenizeCall,
     TokenizeResult,
     TokenOut,
+    WorkerReady,
 )
 from minisgl.ipc.transport import Endpoints, Receiver, Sender
 from minisgl.models.source import resolve_model
@@ -58,6 +59,8 @@ def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints, max_model_len: int) -
     inbox = Receiver(ctx, endpoints.tokenizer)
     to_scheduler = Sender(ctx, endpoints.scheduler)
     to_frontend = Sender(ctx, endpoints.frontend)
+    to_frontend.send(WorkerReady("tokenizer"))
+    log.info("tokenizer ready")
     while True:
         msg = inbox.recv(None)
         if isinstance(msg, Shutdown):
@@ -117,6 +120,8 @@ def run_detokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
     to_frontend = Sender(ctx, endpoints.frontend)
     to_scheduler = Sender(ctx, endpoints.scheduler)
     states: dict[str, IncrementalDetokenizer | None] = {}
+    to_frontend.send(WorkerReady("detokenizer"))
+    log.info("detokenizer ready")
     while True:
         msg = inbox.recv(None)
         if isinstance(msg, Shutdown):

@@ -4,8 +4,8 @@
     minus the median time to first token of the offline API (LLM.submit, then LLM.step
     until the request has a token), same prompt, for each --max-new-tokens.
 (b) Streamed tokens/s through one frontend with --streams concurrent StreamGenerate calls
-    (ignore_eos, --stream-tokens each), next to the offline API's LLM.generate on the same
-    batch.
+    (ignore_eos, --stream-tokens each, one asyncio client), median of --repeats batches,
+    next to the offline API's LLM.generate on the same batches.
 
 Starts `minisgl serve` on a free local port (or measures --target) and prints JSON.
 
@@ -135,7 +135,9 @@ def offline_ttft(llm: Any, max_new_tokens: int, runs: int, warmup: int) -> list[
     return out
 
 
-async def _grpc_throughput(target: str, streams: int, tokens: int) -> tuple[int, float]:
+async def _grpc_throughput(
+    target: str, streams: int, tokens: int, repeats: int
+) -> list[tuple[int, float]]:
     async with grpc.aio.insecure_channel(target) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
 
@@ -147,19 +149,32 @@ async def _grpc_throughput(target: str, streams: int, tokens: int) -> tuple[int,
             return n
 
         await asyncio.gather(*(one(-1 - i) for i in range(4)))  # warm-up
-        t = time.perf_counter()
-        counts = await asyncio.gather(*(one(i) for i in range(streams)))
-        return sum(counts), time.perf_counter() - t
+        out = []
+        for r in range(repeats):
+            t = time.perf_counter()
+            counts = await asyncio.gather(*(one(r * streams + i) for i in range(streams)))
+            out.append((sum(counts), time.perf_counter() - t))
+        return out
 
 
-def offline_throughput(llm: Any, streams: int, tokens: int) -> tuple[int, float]:
+def offline_throughput(
+    llm: Any, streams: int, tokens: int, repeats: int
+) -> list[tuple[int, float]]:
     from minisgl.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=tokens, ignore_eos=True)
-    llm.generate([f"warm {i}: {PROMPT}" for i in range(4)], params)
-    t = time.perf_counter()
-    outs = llm.generate([f"stream {i}: {PROMPT}" for i in range(streams)], params)
-    return sum(len(o.token_ids) for o in outs), time.perf_counter() - t
+    llm.generate([f"stream {-1 - i}: {PROMPT}" for i in range(4)], params)
+    out = []
+    for r in range(repeats):
+        t = time.perf_counter()
+        prompts = [f"stream {r * streams + i}: {PROMPT}" for i in range(streams)]
+        outs = llm.generate(prompts, params)
+        out.append((sum(len(o.token_ids) for o in outs), time.perf_counter() - t))
+    return out
+
+
+def _rates(runs: list[tuple[int, float]]) -> list[float]:
+    return [round(n / wall, 1) for n, wall in runs]
 
 
 def _ms(xs: list[float]) -> float:
@@ -167,16 +182,22 @@ def _ms(xs: list[float]) -> float:
 
 
 def measure(
-    target: str, max_new_tokens: list[int], runs: int, warmup: int, streams: int, tokens: int
+    target: str,
+    max_new_tokens: list[int],
+    runs: int,
+    warmup: int,
+    streams: int,
+    tokens: int,
+    repeats: int,
 ) -> dict[str, Any]:
     grpc_side = {m: grpc_ttft(target, m, runs, warmup) for m in max_new_tokens}
-    n_grpc, wall_grpc = asyncio.run(_grpc_throughput(target, streams, tokens))
+    grpc_rates = _rates(asyncio.run(_grpc_throughput(target, streams, tokens, repeats)))
 
     from minisgl.llm import LLM
 
     llm = LLM(None, progress=False)
     offline_side = {m: offline_ttft(llm, m, runs, warmup) for m in max_new_tokens}
-    n_off, wall_off = offline_throughput(llm, streams, tokens)
+    offline_rates = _rates(offline_throughput(llm, streams, tokens, repeats))
     ttft = {
         f"max_new_tokens={m}": {
             "grpc_median_ms": _ms(grpc_side[m]),
@@ -192,10 +213,11 @@ def measure(
         "throughput": {
             "streams": streams,
             "tokens_per_stream": tokens,
-            "grpc_tokens": n_grpc,
-            "grpc_wall_s": round(wall_grpc, 3),
-            "grpc_tokens_per_s": round(n_grpc / wall_grpc, 1),
-            "offline_tokens_per_s": round(n_off / wall_off, 1),
+            "repeats": repeats,
+            "grpc_tokens_per_s_median": statistics.median(grpc_rates),
+            "offline_tokens_per_s_median": statistics.median(offline_rates),
+            "grpc_tokens_per_s": grpc_rates,
+            "offline_tokens_per_s": offline_rates,
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -213,8 +235,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="requests before timing")
     ap.add_argument("--streams", type=int, default=64, help="concurrent streams for (b)")
     ap.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream for (b)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed batches for (b)")
     args = ap.parse_args()
-    opts = (args.max_new_tokens, args.runs, args.warmup, args.streams, args.stream_tokens)
+    opts = (
+        args.max_new_tokens,
+        args.runs,
+        args.warmup,
+        args.streams,
+        args.stream_tokens,
+        args.repeats,
+    )
     if args.target:
         result = measure(args.target, *opts)
     else:

@@ -110,9 +110,7 @@ def test_logprobs_and_stop_token_ids(client: Client) -> None:
         assert len(lp.top) == 3 and lp.top[0].token_id == tok  # greedy picks the top one
     stop_at = unary.token_ids[2]
     first = unary.token_ids.index(stop_at)
-    stopped = client.generate(
-        "logprobs", max_new_tokens=8, stop_token_ids=[stop_at], temperature=0.0
-    )
+    stopped = client.generate("logprobs", max_new_tokens=8, stop_token_ids=[stop_at], **GREEDY)
     assert stopped.token_ids == unary.token_ids[: first + 1]
     assert (stopped.finish_reason, stopped.matched_stop) == ("stop", stop_at)
 

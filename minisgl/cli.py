@@ -1,4 +1,4 @@
-"""The `minisgl` command: generate text offline, list presets (serve and bench come later)."""
+"""The `minisgl` command: serve over gRPC, generate text offline, list presets."""
 
 from __future__ import annotations
 
@@ -135,6 +135,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from minisgl.server.config import ServerConfig
+    from minisgl.server.launcher import serve
+
+    cfg = EngineConfig.from_options(args.model, engine_options(args))
+    scfg = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_queued_requests=args.max_queued_requests,
+        shutdown_grace_s=args.shutdown_grace,
+        max_message_bytes=args.max_message_mib * 2**20,
+        max_connection_age_s=args.max_connection_age,
+        log_level=args.log_level,
+    )
+    return serve(cfg, scfg)
+
+
 def _presets(_: argparse.Namespace) -> int:
     from minisgl.models.source import preset_names
 
@@ -162,6 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+    srv = sub.add_parser(
+        "serve", parents=[common], help="serve the model over gRPC (Generate, StreamGenerate, ...)"
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=50051, help="port to listen on")
+    srv.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=1024,
+        help="requests waiting for their first token before RESOURCE_EXHAUSTED",
+    )
+    srv.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish after SIGTERM",
+    )
+    srv.add_argument(
+        "--max-message-mib", type=int, default=64, help="largest gRPC message accepted or sent, MiB"
+    )
+    srv.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=1800.0,
+        help="seconds after which connections are closed so load balancers rebalance",
+    )
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     pre = sub.add_parser(
         "presets", parents=[common], help="list the model configs usable with --dummy-weights"
     )

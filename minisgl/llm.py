@@ -11,17 +11,14 @@ from typing import Any
 from tqdm import tqdm
 
 from minisgl.config import EngineConfig
-from minisgl.engine.model_runner import ModelRunner
-from minisgl.models.source import DEMO_DIR, ModelSource, resolve_model
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.request import TokenEvent
-from minisgl.scheduler.scheduler import Scheduler
+from minisgl.scheduler.setup import build_engine
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
-    Tokenizer,
     encode_prompt,
-    load_tokenizer,
+    tokenizer_for,
 )
 
 log = logging.getLogger(__name__)
@@ -61,30 +58,14 @@ class LLM:
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         self.config = EngineConfig.from_options(model, options)
-        source = resolve_model(model, self.config.dummy_weights)
-        self.model_name = source.name
-        self.tokenizer = self._tokenizer_for(source)
-        mc = source.config
-        self.max_model_len = min(
-            self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
-        )
-        self.runner = ModelRunner(self.config, source, self.max_model_len)
-        self.scheduler = Scheduler(self.config, self.runner, self.max_model_len)
-        tok = self.tokenizer
-        if not mc.eos_token_ids and tok is not None and tok.eos_token_id is not None:
-            self.scheduler.eos_ids = frozenset([tok.eos_token_id])
+        engine = build_engine(self.config)
+        self.model_name = engine.source.name
+        self.max_model_len = engine.max_model_len
+        self.runner = engine.runner
+        self.scheduler = engine.scheduler
+        self.tokenizer = tokenizer_for(engine.source)
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
-
-    @staticmethod
-    def _tokenizer_for(source: ModelSource) -> Tokenizer | None:
-        if source.tokenizer_dir is not None:
-            return load_tokenizer(source.tokenizer_dir)
-        demo = load_tokenizer(DEMO_DIR)
-        if len(demo) <= source.config.vocab_size:
-            log.warning("%s has no tokenizer; using the demo tokenizer for text", source.name)
-            return demo
-        return None
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
         """Queue one prompt; returns its request id. Raises ValueError for invalid input."""

@@ -21,6 +21,19 @@ class ModelSource:
     weights_dir: Path | None  # None: dummy weights
     tokenizer_dir: Path | None  # None: no tokenizer of its own
 
+    def context_length(self, requested: int | None) -> int:
+        """`requested` (--max-model-len) if given, never above the model's own limit."""
+        limit = self.config.max_position_embeddings
+        return min(requested or limit, limit)
+
+    @property
+    def has_text_tokenizer(self) -> bool:
+        """Its own tokenizer, or the demo one that tokenizer_for falls back to."""
+        if self.tokenizer_dir is not None:
+            return True
+        demo_vocab = load_json(DEMO_DIR / "config.json").get("vocab_size", 0)
+        return isinstance(demo_vocab, int) and demo_vocab <= self.config.vocab_size
+
 
 def preset_names() -> list[str]:
     """Names accepted by --model that map to the configs shipped in minisgl/models/presets."""

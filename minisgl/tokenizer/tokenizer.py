@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from minisgl.models.source import DEMO_DIR, ModelSource
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer(Protocol):
@@ -31,6 +36,18 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
     tok: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return tok  # type: ignore[no-any-return]
+
+
+def tokenizer_for(source: ModelSource) -> Tokenizer | None:
+    """The model's tokenizer; for a model without one (a preset), the demo tokenizer when
+    its ids fit the model's vocabulary, else None (token-id prompts only)."""
+    if source.tokenizer_dir is not None:
+        return load_tokenizer(source.tokenizer_dir)
+    demo = load_tokenizer(DEMO_DIR)
+    if len(demo) <= source.config.vocab_size:
+        log.warning("%s has no tokenizer; using the demo tokenizer for text", source.name)
+        return demo
+    return None
 
 
 def encode_prompt(tok: Tokenizer | None, prompt: Prompt) -> list[int]:

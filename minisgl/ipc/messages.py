@@ -1,0 +1,164 @@
+"""Every message that crosses a process boundary, as typed msgspec structs (msgpack on the wire).
+
+Flow: frontend -> tokenizer -> scheduler -> detokenizer -> frontend, plus replies to the
+frontend (errors, model info, load, tokenize results) and aborts from the detokenizer to
+the scheduler when a stop string matches.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from minisgl.sampling_params import SamplingParams
+
+ChatMessage = dict[str, str]
+
+
+class GenerateReq(msgspec.Struct, tag=True):
+    """frontend -> tokenizer: a validated request to tokenize and queue."""
+
+    rid: str
+    text: str | None
+    token_ids: list[int] | None
+    chat: list[ChatMessage] | None
+    params: SamplingParams
+    strict_max_new_tokens: bool  # the client set max_new_tokens: error if it cannot fit
+
+
+class NewReq(msgspec.Struct, tag=True):
+    """tokenizer -> scheduler: a tokenized request."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+
+
+class AbortReq(msgspec.Struct, tag=True):
+    """-> scheduler (via the tokenizer from the frontend, or from the detokenizer)."""
+
+    rid: str
+
+
+class TokenOut(msgspec.Struct, array_like=True):
+    """One request's result of one step. token_id -1 with finish_reason "abort": dropped."""
+
+    rid: str
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+    finish_reason: str | None
+    matched_stop: int | None
+    prompt_tokens: int
+    cached_tokens: int
+    # On a request's first output only: what the detokenizer needs to know about it.
+    params: SamplingParams | None = None
+
+
+class StepOut(msgspec.Struct, tag=True):
+    """scheduler -> detokenizer: everything one step produced."""
+
+    outputs: list[TokenOut]
+
+
+class Delta(msgspec.Struct, array_like=True):
+    """What is new for one request; the last one has finish_reason set."""
+
+    rid: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    top: list[list[tuple[int, float]]] | None
+    prompt_tokens: int
+    cached_tokens: int
+    finish_reason: str | None
+    matched_stop: int | str | None
+
+
+class DeltaBatch(msgspec.Struct, tag=True):
+    """detokenizer -> frontend."""
+
+    deltas: list[Delta]
+
+
+class ReqError(msgspec.Struct, tag=True):
+    """-> frontend: a request failed. code: "invalid_argument" or "internal"."""
+
+    rid: str
+    code: str
+    message: str
+
+
+class ModelInfo(msgspec.Struct, tag=True):
+    """scheduler -> frontend once warm: the model is loaded and served."""
+
+    model: str
+    architecture: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    has_tokenizer: bool
+    dtype: str
+    device: str
+    attention_backend: str
+    page_size: int
+    kv_cache_tokens: int
+    radix_cache: bool
+    chunked_prefill_size: int
+    max_running_requests: int
+
+
+class Load(msgspec.Struct, tag=True):
+    """scheduler -> frontend, whenever it changes (rate-limited)."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+    kv_busy: float
+    cache_hit_rate: float
+    retractions: int
+
+
+class TokenizeCall(msgspec.Struct, tag=True):
+    """frontend -> tokenizer: a Tokenize or Detokenize RPC."""
+
+    call_id: int
+    text: str | None = None
+    chat: list[ChatMessage] | None = None
+    token_ids: list[int] | None = None
+    detokenize: bool = False
+    skip_special_tokens: bool = True
+
+
+class TokenizeResult(msgspec.Struct, tag=True):
+    """tokenizer -> frontend: the answer to a TokenizeCall (error set if it failed)."""
+
+    call_id: int
+    token_ids: list[int] | None = None
+    text: str | None = None
+    error: str | None = None
+
+
+class WorkerReady(msgspec.Struct, tag=True):
+    """tokenizer / detokenizer -> frontend: loaded and listening (the scheduler sends ModelInfo)."""
+
+    name: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    """-> any worker: exit now."""
+
+
+Message = (
+    GenerateReq
+    | NewReq
+    | AbortReq
+    | StepOut
+    | DeltaBatch
+    | ReqError
+    | ModelInfo
+    | Load
+    | TokenizeCall
+    | TokenizeResult
+    | WorkerReady
+    | Shutdown
+)

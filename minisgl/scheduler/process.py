@@ -1,0 +1,130 @@
+"""The scheduler process: loads the model, warms up, then serves requests from ZeroMQ."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from minisgl.config import EngineConfig
+from minisgl.ipc.messages import (
+    AbortReq,
+    Load,
+    ModelInfo,
+    NewReq,
+    ReqError,
+    Shutdown,
+    StepOut,
+    TokenOut,
+)
+from minisgl.ipc.transport import Endpoints, Receiver, Sender
+from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler.request import TokenEvent
+from minisgl.scheduler.scheduler import Scheduler
+from minisgl.scheduler.setup import Engine, build_engine
+
+log = logging.getLogger(__name__)
+
+LOAD_INTERVAL_S = 0.02
+
+
+def warm_up(sched: Scheduler) -> None:
+    """One short generation so kernels are compiled before the first request; leaves no trace."""
+    sched.add_request("warmup", [1] * 8, SamplingParams(temperature=0.0, max_new_tokens=4))
+    while sched.has_work():
+        sched.step()
+    sched.release_all_cache()
+    sched.check_invariants()
+
+
+def model_info(engine: Engine) -> ModelInfo:
+    cfg, sched, mc = engine.scheduler.cfg, engine.scheduler, engine.source.config
+    return ModelInfo(
+        model=engine.source.name,
+        architecture=mc.architecture,
+        context_length=engine.max_model_len,
+        vocab_size=mc.vocab_size,
+        eos_token_ids=sorted(sched.eos_ids),
+        has_tokenizer=True,
+        dtype=str(engine.runner.dtype).removeprefix("torch."),
+        device=str(engine.runner.device),
+        attention_backend=engine.runner.attn.name,
+        page_size=cfg.page_size,
+        kv_cache_tokens=sched.allocator.num_pages * cfg.page_size,
+        radix_cache=sched.cache is not None,
+        chunked_prefill_size=cfg.chunked_prefill_size,
+        max_running_requests=cfg.max_running_requests,
+    )
+
+
+def _load(sched: Scheduler) -> Load:
+    s = sched.stats()
+    evictable = sched.cache.evictable_pages if sched.cache is not None else 0
+    return Load(
+        waiting=s.waiting,
+        running=s.running,
+        kv_usage=s.pool_usage,
+        kv_busy=(s.total_pages - s.free_pages - evictable) / s.total_pages,
+        cache_hit_rate=s.cache_hit_rate,
+        retractions=s.retractions,
+    )
+
+
+def _to_out(ev: TokenEvent, params: SamplingParams | None) -> TokenOut:
+    return TokenOut(
+        ev.rid,
+        ev.token_id,
+        ev.logprob,
+        ev.top_logprobs,
+        ev.finish_reason,
+        ev.matched_stop,
+        ev.prompt_tokens,
+        ev.cached_tokens,
+        params,
+    )
+
+
+def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, has_tokenizer: bool) -> None:
+    """Load, warm up, announce ModelInfo, then loop: take messages, step, send outputs."""
+    engine = build_engine(cfg)
+    sched = engine.scheduler
+    warm_up(sched)
+    ctx = zmq.Context()
+    inbox = Receiver(ctx, endpoints.scheduler)
+    to_detok = Sender(ctx, endpoints.detokenizer)
+    to_frontend = Sender(ctx, endpoints.frontend)
+    info = model_info(engine)
+    info.has_tokenizer = has_tokenizer
+    to_frontend.send(info)
+    log.info("scheduler ready")
+    new_params: dict[str, SamplingParams] = {}  # requests whose first output is not out yet
+    last_load: Load | None = None
+    last_load_time = 0.0
+    while True:
+        msgs = inbox.recv_all(0 if sched.has_work() else 50)
+        for msg in msgs:
+            if isinstance(msg, Shutdown):
+                ctx.destroy(linger=0)
+                return
+            if isinstance(msg, NewReq):
+                try:
+                    sched.add_request(msg.rid, msg.input_ids, msg.params)
+                    new_params[msg.rid] = msg.params
+                except ValueError as e:
+                    to_frontend.send(ReqError(msg.rid, "invalid_argument", str(e)))
+            elif isinstance(msg, AbortReq) and sched.abort(msg.rid):
+                new_params.pop(msg.rid, None)
+                abort = TokenOut(msg.rid, -1, None, None, "abort", None, 0, 0)
+                to_detok.send(StepOut([abort]))
+        if sched.has_work():
+            events = sched.step()
+            if events:
+                to_detok.send(StepOut([_to_out(e, new_params.pop(e.rid, None)) for e in events]))
+        now = time.monotonic()
+        if now - last_load_time >= LOAD_INTERVAL_S:
+            load = _load(sched)
+            if load != last_load:
+                to_frontend.send(load)
+                last_load = load
+            last_load_time = now

@@ -1,0 +1,465 @@
+"""The gRPC frontend: asyncio servicers that validate, route to the workers and stream back.
+
+It never imports torch. Requests go to the tokenizer worker; deltas come back from the
+detokenizer; model info, load and errors come from the scheduler. Client cancellation and
+deadlines turn into an abort that frees the request's KV pages in the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+import zmq.asyncio
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from minisgl.ipc.messages import (
+    AbortReq,
+    Delta,
+    DeltaBatch,
+    Load,
+    Message,
+    ModelInfo,
+    ReqError,
+    TokenizeCall,
+    TokenizeResult,
+    WorkerReady,
+)
+from minisgl.ipc.transport import AsyncReceiver, AsyncSender, Endpoints
+from minisgl.server import convert
+from minisgl.server.config import ServerConfig
+from minisgl.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+_CODES = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+TOKENIZE_TIMEOUT_S = 30.0
+#: Workers that announce themselves with WorkerReady (the scheduler sends ModelInfo instead).
+READY_WORKERS = frozenset({"tokenizer", "detokenizer"})
+
+
+class Frontend:
+    """Shared state of the servicers: the workers' sockets, in-flight requests, health."""
+
+    def __init__(self, cfg: ServerConfig, endpoints: Endpoints) -> None:
+        self.cfg = cfg
+        self.zmq = zmq.asyncio.Context()
+        self.inbox = AsyncReceiver(self.zmq, endpoints.frontend)
+        self.to_tokenizer = AsyncSender(self.zmq, endpoints.tokenizer)
+        self.health = HealthServicer()
+        self.state = "starting"  # starting | serving | draining | failed
+        self.info: ModelInfo | None = None
+        self.load = Load(0, 0, 0.0, 0.0, 0.0, 0)
+        self.requests: dict[str, asyncio.Queue[Delta | ReqError]] = {}
+        self.awaiting_first: set[str] = set()
+        self.calls: dict[int, asyncio.Future[TokenizeResult]] = {}
+        self._call_ids = itertools.count()
+        self.workers_ready: set[str] = set()
+        self.ready = asyncio.Event()
+        """Set once the scheduler is warm and the tokenizer and detokenizer are loaded."""
+
+    async def set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def receive_loop(self) -> None:
+        """Dispatch everything the workers send to the frontend."""
+        while True:
+            self._dispatch(await self.inbox.recv())
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, DeltaBatch):
+            for delta in msg.deltas:
+                queue = self.requests.get(delta.rid)
+                if queue is not None:
+                    queue.put_nowait(delta)
+        elif isinstance(msg, ReqError):
+            queue = self.requests.get(msg.rid)
+            if queue is not None:
+                queue.put_nowait(msg)
+        elif isinstance(msg, Load):
+            self.load = msg
+        elif isinstance(msg, TokenizeResult):
+            fut = self.calls.pop(msg.call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, ModelInfo | WorkerReady):
+            if isinstance(msg, ModelInfo):
+                self.info = msg
+            else:
+                self.workers_ready.add(msg.name)
+            if self.info is not None and self.workers_ready >= READY_WORKERS:
+                self.ready.set()
+
+    def ready_workers(self) -> set[str]:
+        """The workers that have finished loading (the scheduler once it sent ModelInfo)."""
+        return self.workers_ready | ({"scheduler"} if self.info is not None else set())
+
+    async def mark_serving(self) -> None:
+        self.state = "serving"
+        await self.set_health(True)
+        log.info(
+            "serving %s on %s:%d",
+            self.info.model if self.info else "?",
+            self.cfg.host,
+            self.cfg.port,
+        )
+
+    async def fail(self, why: str) -> None:
+        """The engine is gone: fail every in-flight request and stop serving."""
+        if self.state == "failed":
+            return
+        log.error("engine failure: %s", why)
+        self.state = "failed"
+        await self.set_health(False)
+        for rid, queue in self.requests.items():
+            queue.put_nowait(ReqError(rid, "internal", f"engine failure: {why}"))
+
+    async def drain(self) -> None:
+        self.state = "draining"
+        await self.set_health(False)
+
+    async def check_available(self, context: grpc.aio.ServicerContext[Any, Any]) -> ModelInfo:
+        if self.state == "serving" and self.info is not None:
+            return self.info
+        why = {
+            "starting": "the server is warming up",
+            "draining": "the server is shutting down",
+            "failed": "the engine has failed",
+        }[self.state]
+        await context.abort(grpc.StatusCode.UNAVAILABLE, why)
+        raise AssertionError("unreachable")
+
+    async def generate(
+        self,
+        request: convert.AnyGenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[Delta]:
+        """Validate, submit and yield deltas until the request finishes; abort if abandoned."""
+        info = await self.check_available(context)
+        rid = request.request_id or uuid.uuid4().hex
+        try:
+            convert.check_request_id(rid)
+            msg = convert.to_generate_req(request, rid, info)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if rid in self.requests:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid} is in flight")
+        if len(self.awaiting_first) >= self.cfg.max_queued_requests:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queue full: {len(self.awaiting_first)} requests waiting",
+            )
+        await context.send_initial_metadata((("x-request-id", rid),))
+        queue: asyncio.Queue[Delta | ReqError] = asyncio.Queue()
+        self.requests[rid] = queue
+        self.awaiting_first.add(rid)
+        self.to_tokenizer.send(msg)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                self.awaiting_first.discard(rid)
+                if isinstance(item, ReqError):
+                    finished = True
+                    await context.abort(
+                        _CODES.get(item.code, grpc.StatusCode.INTERNAL), item.message
+                    )
+                assert isinstance(item, Delta)
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            del self.requests[rid]
+            self.awaiting_first.discard(rid)
+            if not finished:  # cancelled, deadline passed, or the stream was dropped
+                log.info("aborting %s", rid)
+                self.to_tokenizer.send(AbortReq(rid))
+
+    async def tokenize(self, call: TokenizeCall) -> TokenizeResult:
+        call.call_id = next(self._call_ids)
+        fut: asyncio.Future[TokenizeResult] = asyncio.get_running_loop().create_future()
+        self.calls[call.call_id] = fut
+        self.to_tokenizer.send(call)
+        try:
+            return await asyncio.wait_for(fut, TOKENIZE_TIMEOUT_S)
+        finally:
+            self.calls.pop(call.call_id, None)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    """Generate (unary) and StreamGenerate (server streaming)."""
+
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+
+    async def Generate(
+        self,
+        request: generation_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> generation_pb2.GenerateResponse:
+        resp = generation_pb2.GenerateResponse()
+        texts: list[str] = []
+        async for delta in self.fe.generate(request, context):
+            if not resp.request_id:
+                resp.request_id = delta.rid
+                resp.prompt_info.prompt_tokens = delta.prompt_tokens
+                resp.prompt_info.cached_tokens = delta.cached_tokens
+            resp.token_ids.extend(delta.token_ids)
+            texts.append(delta.text)
+            resp.logprobs.extend(convert.logprobs_pb(delta))
+            if delta.finish_reason is not None:
+                resp.finish.CopyFrom(convert.finish_pb(delta))
+        resp.text = "".join(texts)
+        resp.usage.CopyFrom(_usage(resp.prompt_info, len(resp.token_ids)))
+        return resp
+
+    async def StreamGenerate(
+        self,
+        request: generation_pb2.StreamGenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[generation_pb2.StreamGenerateResponse]:
+        first = True
+        generated = 0
+        async for delta in self.fe.generate(request, context):
+            msg = generation_pb2.StreamGenerateResponse(
+                request_id=delta.rid,
+                token_ids=delta.token_ids,
+                text=delta.text,
+                logprobs=convert.logprobs_pb(delta),
+            )
+            generated += len(delta.token_ids)
+            if first:
+                msg.prompt_info.prompt_tokens = delta.prompt_tokens
+                msg.prompt_info.cached_tokens = delta.cached_tokens
+                first = False
+            if delta.finish_reason is not None:
+                msg.finish.CopyFrom(convert.finish_pb(delta))
+                info = common_pb2.PromptInfo(
+                    prompt_tokens=delta.prompt_tokens, cached_tokens=delta.cached_tokens
+                )
+                msg.usage.CopyFrom(_usage(info, generated))
+            yield msg
+
+
+def _usage(info: common_pb2.PromptInfo, generated: int) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=info.prompt_tokens,
+        completion_tokens=generated,
+        cached_tokens=info.cached_tokens,
+    )
+
+
+class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+    """Model info, load, and the tokenizer as a service."""
+
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+
+    async def GetModelInfo(
+        self, request: model_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> model_pb2.GetModelInfoResponse:
+        info = await self.fe.check_available(context)
+        return model_pb2.GetModelInfoResponse(
+            model=info.model,
+            architecture=info.architecture,
+            context_length=info.context_length,
+            vocab_size=info.vocab_size,
+            eos_token_ids=info.eos_token_ids,
+            has_tokenizer=info.has_tokenizer,
+            dtype=info.dtype,
+            device=info.device,
+            attention_backend=info.attention_backend,
+            page_size=info.page_size,
+            kv_cache_tokens=info.kv_cache_tokens,
+            radix_cache=info.radix_cache,
+            chunked_prefill_size=info.chunked_prefill_size,
+            max_running_requests=info.max_running_requests,
+            max_queued_requests=self.fe.cfg.max_queued_requests,
+        )
+
+    async def GetLoad(
+        self, request: model_pb2.GetLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> model_pb2.GetLoadResponse:
+        load = self.fe.load
+        return model_pb2.GetLoadResponse(
+            waiting_requests=load.waiting,
+            running_requests=load.running,
+            inflight_requests=len(self.fe.requests),
+            kv_cache_usage=load.kv_usage,
+            kv_cache_busy=load.kv_busy,
+            cache_hit_rate=load.cache_hit_rate,
+            retractions=load.retractions,
+        )
+
+    async def Tokenize(
+        self, request: model_pb2.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> model_pb2.TokenizeResponse:
+        info = await self.fe.check_available(context)
+        try:
+            text, chat, ids = convert.prompt_parts(request.prompt, info)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        result = await self.fe.tokenize(TokenizeCall(0, text=text, chat=chat, token_ids=ids))
+        if result.error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
+        return model_pb2.TokenizeResponse(token_ids=result.token_ids or [])
+
+    async def Detokenize(
+        self, request: model_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> model_pb2.DetokenizeResponse:
+        await self.fe.check_available(context)
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        call = TokenizeCall(
+            0, token_ids=list(request.token_ids), detokenize=True, skip_special_tokens=skip
+        )
+        result = await self.fe.tokenize(call)
+        if result.error is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
+        return model_pb2.DetokenizeResponse(text=result.text or "")
+
+
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class MalformedRequest:
+    """A request body that protobuf could not parse (e.g. invalid UTF-8 in a string field)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Answers requests that do not parse with INVALID_ARGUMENT naming the field.
+
+    Left alone, grpc answers UNKNOWN ("Unexpected DecodeError"). Applies to the unary-request
+    methods of our own services: their deserializer returns a MalformedRequest instead of
+    raising, and the wrapped handler aborts when it gets one.
+    """
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        pool = generation_pb2.DESCRIPTOR.pool
+        self.inputs: dict[str, Descriptor] = {
+            f"/{name}/{method.name}": method.input_type
+            for name in service_names
+            for method in pool.FindServiceByName(name).methods
+        }
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        desc = self.inputs.get(method)
+        if handler is None or desc is None or handler.request_streaming:
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _lenient(handler, desc))
+            self._wrapped[method] = cached
+        return cached[1]
+
+
+def _lenient(handler: _Handler, desc: Descriptor) -> _Handler:
+    """`handler` with a deserializer that does not raise and a check for MalformedRequest."""
+    deserialize = handler.request_deserializer
+    assert deserialize is not None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as e:
+            field = convert.bad_utf8_field(desc, data)
+            if field is not None:
+                return MalformedRequest(f"{field}: is not valid UTF-8")
+            return MalformedRequest(f"request: not a valid {desc.full_name} ({e})")
+
+    async def reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    if handler.response_streaming:
+        behavior: Any = handler.unary_stream  # typed for sync servers in grpc-stubs
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await reject(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, parse, handler.response_serializer
+        )
+    unary: Any = handler.unary_unary
+
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await reject(request, context)
+        return await unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
+
+
+def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Message size limits, keepalive policy and connection age for the gRPC server."""
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        # Accept client keepalive pings as often as every 10 s, also without active calls.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 3),
+        # Ping idle clients every 2 min; drop them if no answer within 20 s.
+        ("grpc.keepalive_time_ms", 120_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(cfg.shutdown_grace_s * 1000)),
+    ]
+
+
+def build_server(fe: Frontend) -> grpc.aio.Server:
+    """The grpc.aio server with every service, health and reflection registered."""
+    server = grpc.aio.server(
+        options=server_options(fe.cfg), interceptors=[RejectMalformed(SERVICE_NAMES)]
+    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(fe), server)
+    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(fe), server)
+    health_pb2_grpc.add_HealthServicer_to_server(fe.health, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server

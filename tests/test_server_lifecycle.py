@@ -1,0 +1,207 @@
+"""Server tests that need a server of their own: start-up, queue limit, scheduler death, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from minisgl.v1 import generation_pb2_grpc
+from tests.server_util import Server, pid_alive, run_server, wait_idle, wait_until
+
+from minisgl_client import StreamDelta, build_stream_request  # isort: skip
+
+GREEDY: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True}
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_clean_exit(server: Server, pids: dict[str, int]) -> None:
+    """No worker process left, and the socket directory is gone from the server's TMPDIR."""
+    assert set(pids) == {"tokenizer", "detokenizer", "scheduler"}
+    wait_until(lambda: not any(pid_alive(p) for p in pids.values()), 10, "the workers to be gone")
+    assert list(server.tmpdir.iterdir()) == []
+
+
+class _Streamer(threading.Thread):
+    """Consumes one StreamGenerate call in a thread, recording deltas and the final status."""
+
+    def __init__(self, server: Server, prompt: str, timeout: float = 120, **options: Any) -> None:
+        super().__init__(daemon=True)
+        self.client = server.client()
+        self.args = (prompt, timeout, options)
+        self.deltas: list[StreamDelta] = []
+        self.error: grpc.RpcError | None = None
+        self.first = threading.Event()
+
+    def run(self) -> None:
+        prompt, timeout, options = self.args
+        try:
+            for delta in self.client.stream(prompt, timeout=timeout, **options):
+                self.deltas.append(delta)
+                self.first.set()
+        except grpc.RpcError as e:
+            self.error = e
+        finally:
+            self.first.set()
+            self.client.close()
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(d.token_ids) for d in self.deltas)
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One running request at most, two waiting; started without waiting for SERVING."""
+    with run_server(
+        tmp_path_factory.mktemp("small"),
+        "--max-queued-requests",
+        "2",
+        "--max-running-requests",
+        "1",
+        "--max-model-len",
+        "512",
+        wait=False,
+    ) as server:
+        server.wait_serving()
+        yield server
+
+
+def test_not_serving_and_unavailable_until_warm(small_server: Server) -> None:
+    seen = small_server.health_seen
+    # the port opens first, NOT_SERVING while the workers load, then SERVING
+    assert "NOT_SERVING" in seen, seen
+    assert seen.index("NOT_SERVING") < seen.index("SERVING"), seen
+    assert small_server.probe_while_starting == grpc.StatusCode.UNAVAILABLE
+    # SERVING only once every worker is ready
+    log = small_server.log()
+    order = [
+        log.index("listening on"),
+        log.index("scheduler ready"),
+        log.index("tokenizer ready"),
+        log.index("detokenizer ready"),
+    ]
+    serving = log.index("serving minisgl-demo")
+    assert order[0] < min(order[1:]) and max(order) < serving
+
+
+def test_queue_limit_is_resource_exhausted(small_server: Server) -> None:
+    n = 8
+    with small_server.channel() as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        calls = [
+            stub.StreamGenerate(
+                build_stream_request(f"queue {i}", max_new_tokens=400, **GREEDY), timeout=60
+            )
+            for i in range(n)
+        ]
+        accepted, rejected = [], []
+        for call in calls:
+            metadata = dict(call.initial_metadata())  # returns once accepted or failed
+            if "x-request-id" in metadata:
+                accepted.append(call)
+            else:
+                assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
+                assert "queue" in (call.details() or "")
+                rejected.append(call)
+        # one running plus two waiting for their first token, at most
+        assert len(accepted) <= 3
+        assert len(rejected) >= n - 3
+        with small_server.client() as client:
+            load = client.load()
+            assert load.inflight_requests == len(accepted)
+            assert load.running_requests <= 1
+            for call in accepted:
+                call.cancel()
+            wait_idle(client)  # the waiting ones left the scheduler's queue too
+            # and the server still serves
+            assert client.generate("after", max_new_tokens=3, **GREEDY).completion_tokens == 3
+
+
+def test_scheduler_death_fails_streams_and_stops_serving(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--max-model-len", "512") as server:
+        pids = server.worker_pids()
+        stream = _Streamer(server, "doomed", max_new_tokens=500, **GREEDY)
+        stream.start()
+        assert stream.first.wait(30) and stream.deltas, stream.error
+        os.kill(pids["scheduler"], signal.SIGKILL)
+        stream.join(30)
+        assert not stream.is_alive(), "the stream hangs after the scheduler died"
+        assert stream.error is not None
+        assert stream.error.code() == grpc.StatusCode.INTERNAL, stream.error.details()
+        assert "scheduler" in (stream.error.details() or "")
+        assert stream.tokens < 500
+        wait_until(lambda: server.health() == "NOT_SERVING", 10, "health NOT_SERVING")
+        with server.client(timeout=10) as client:
+            t = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("anyone there?", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+            assert time.monotonic() - t < 5
+        assert server.proc.poll() is None  # the frontend stays up to say so
+        code = server.terminate(timeout=30)
+        assert code == 1  # it failed
+        _assert_clean_exit(server, pids)
+
+
+def test_sigterm_finishes_streams_then_exits_cleanly(tmp_path: Path) -> None:
+    with run_server(tmp_path, "--max-model-len", "512") as server:
+        pids = server.worker_pids()
+        streams = [
+            _Streamer(server, f"drain {i}", max_new_tokens=300 + 20 * i, **GREEDY) for i in range(4)
+        ]
+        for s in streams:
+            s.start()
+        for s in streams:
+            assert s.first.wait(30) and s.deltas, s.error
+        server.proc.send_signal(signal.SIGTERM)
+
+        # new calls are refused while the streams drain
+        def refused() -> bool:
+            with server.client(timeout=10) as client:
+                try:
+                    client.generate("late", max_new_tokens=1)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                    return True
+            return False
+
+        wait_until(refused, 10, "new calls to be refused")
+        assert any(s.is_alive() for s in streams), "streams ended before the refusal was seen"
+
+        for s in streams:
+            s.join(60)
+        for i, s in enumerate(streams):
+            assert not s.is_alive()
+            assert s.error is None, s.error
+            assert s.deltas[-1].finish_reason == "length"
+            assert s.tokens == 300 + 20 * i
+        assert server.proc.wait(60) == 0
+        log = server.log()
+        assert re.search(r"shutting down: draining [1-4] requests", log), log
+        assert "stopped" in log
+        _assert_clean_exit(server, pids)
+
+
+def test_sigterm_while_starting_exits_promptly(tmp_path: Path) -> None:
+    with run_server(tmp_path, wait=False) as server:
+        wait_until(lambda: server.health() == "NOT_SERVING", 60, "the port to open")
+        pids = wait_until(
+            lambda: p if len(p := server.worker_pids()) == 3 else None, 30, "the workers to start"
+        )
+        assert server.health() == "NOT_SERVING"  # still loading
+        t = time.monotonic()
+        assert server.terminate(timeout=30) == 0
+        # workers still loading are not waited for (they cannot hear a shutdown message)
+        assert time.monotonic() - t < 8, server.log()
+        assert "did not exit" not in server.log()
+        _assert_clean_exit(server, pids)

@@ -16,9 +16,18 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,dev]"
 
 echo "== ruff"
-ruff check minisgl tests scripts
-ruff format --check minisgl tests scripts
+ruff check minisgl tests scripts clients
+ruff format --check minisgl tests scripts clients
 echo "== mypy"
-mypy minisgl
+mypy minisgl clients/python
+echo "== proto: buf lint, breaking changes against the previous commit, stubs up to date"
+buf lint
+if git rev-parse -q --verify HEAD~1 >/dev/null && git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then
+    buf breaking --against ".git#ref=HEAD~1"
+fi
+stubs=$(mktemp -d)
+bash scripts/gen_proto.sh "$stubs" >/dev/null 2>&1
+diff -r -x __init__.py -x __pycache__ "$stubs/minisgl/v1" minisgl/v1
+rm -rf "$stubs"
 echo "== pytest"
 python -m pytest -q "$@"

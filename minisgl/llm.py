@@ -74,7 +74,8 @@ class LLM:
         rid = f"req-{next(self._ids)}"
         self.scheduler.add_request(rid, ids, params)
         detok = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and params.stop:
+            # Stop strings need the text as it grows; otherwise it is decoded once at the end.
             detok = IncrementalDetokenizer(
                 self.tokenizer,
                 params.stop,
@@ -159,6 +160,8 @@ class LLM:
             text = p.detok.text
             if p.detok.matched_stop is not None:
                 reason, matched = "stop", p.detok.matched_stop
+        elif self.tokenizer is not None:
+            text = self.tokenizer.decode(p.token_ids, p.params.skip_special_tokens)
         return RequestOutput(
             rid=rid,
             prompt_token_ids=p.prompt_ids,

@@ -7,7 +7,9 @@ else shares its batch, on any device, without a torch.Generator per request.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -63,14 +65,26 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         if sb.top_logprobs:
             top_lps, top_ids = raw.topk(sb.top_logprobs, dim=-1)
     logits = _apply_constraints(logits, sb)
-    greedy_ids = logits.argmax(dim=-1)
-    if sb.all_greedy:
-        ids = greedy_ids
+    fused = fused_sampling(logits)
+    if fused is not None and not (sb.use_top_k or sb.use_top_p or sb.use_min_p):
+        ids = fused.sample_rows(logits, sb.temperature, row_hash(sb.seeds, sb.steps))
+    elif sb.all_greedy:
+        ids = logits.argmax(dim=-1)
     else:
+        greedy_ids = logits.argmax(dim=-1)
         ids = torch.where(sb.temperature == 0, greedy_ids, _sample_random(logits, sb))
     if sb.want_logprobs or sb.top_logprobs:
         logprobs = raw.gather(1, ids[:, None]).squeeze(1)
     return SampleOutput(ids, logprobs, top_ids, top_lps)
+
+
+def fused_sampling(logits: torch.Tensor) -> ModuleType | None:
+    """minisgl.kernels.sampling for CUDA logits when triton is installed, else None."""
+    if not logits.is_cuda or importlib.util.find_spec("triton") is None:
+        return None
+    from minisgl.kernels import sampling
+
+    return sampling
 
 
 def _apply_constraints(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
@@ -140,10 +154,15 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def row_hash(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[B] 32-bit hashes of (seed, step): the per-row part of uniform_noise."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    return _fmix32(_fmix32(_fmix32(lo ^ 0x9E3779B9) ^ hi) ^ (steps & _MASK32))
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, vocab] uniform (0, 1) numbers, a pure function of (seed, step, token id)."""
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    row = _fmix32(_fmix32(_fmix32(lo ^ 0x9E3779B9) ^ hi) ^ (steps & _MASK32))
+    row = row_hash(seeds, steps)
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     h = _fmix32(_fmix32((row[:, None] + tok[None, :] * 0x27D4EB2F) & _MASK32) ^ row[:, None])
     # 23 bits: (2**23 - 1 + 0.5) / 2**23 is exactly representable in float32, so u < 1 always.

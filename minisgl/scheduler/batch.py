@@ -10,6 +10,16 @@ from minisgl.kvcache.pool import KVPool
 from minisgl.scheduler.request import Req
 
 
+def to_device(
+    values: list[int] | list[float], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A 1-D tensor of `values` on `device`, copied through pinned memory on CUDA."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def build_forward_batch(
     plan: list[tuple[Req, int]],
     page_table: torch.Tensor,
@@ -30,18 +40,19 @@ def build_forward_batch(
         slots += [pages[p // ps] * ps + p % ps for p in range(start, end)]
     seq_lens = [req.num_computed + n for req, n in plan]
     ext = [n for _, n in plan]
-
-    def tensor(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+    rows = [req.row for req, _ in plan]
+    # One host-to-device copy for everything, then views.
+    t, b = len(input_ids), len(plan)
+    packed = to_device(input_ids + positions + slots + rows + seq_lens + ext, torch.int64, device)
+    lens = packed[3 * t + b :].to(torch.int32)
     return ForwardBatch(
-        input_ids=tensor(input_ids),
-        positions=tensor(positions),
-        out_slots=tensor(slots),
-        req_rows=tensor([req.row for req, _ in plan]),
+        input_ids=packed[:t],
+        positions=packed[t : 2 * t],
+        out_slots=packed[2 * t : 3 * t],
+        req_rows=packed[3 * t : 3 * t + b],
         page_table=page_table,
-        seq_lens=tensor(seq_lens, torch.int32),
-        extend_lens=tensor(ext, torch.int32),
+        seq_lens=lens[:b],
+        extend_lens=lens[b:],
         seq_lens_cpu=seq_lens,
         extend_lens_cpu=ext,
         page_size=ps,
@@ -82,13 +93,26 @@ def build_sampling_batch(reqs: list[Req], vocab: int, device: torch.device) -> S
         banned = padded(
             [sorted(r.stop_ids) if t else [] for r, t in zip(reqs, too_early, strict=True)]
         )
+    b = len(reqs)
+    fl = to_device(
+        [p.temperature for p in params] + [p.top_p for p in params] + [p.min_p for p in params],
+        torch.float32,
+        device,
+    )
+    it = to_device(
+        [p.top_k if p.top_k > 0 else vocab for p in params]
+        + [r.seed for r in reqs]
+        + [len(r.output_ids) for r in reqs],
+        torch.int64,
+        device,
+    )
     return SamplingBatch(
-        temperature=floats([p.temperature for p in params]),
-        top_k=ints([p.top_k if p.top_k > 0 else vocab for p in params]),
-        top_p=floats([p.top_p for p in params]),
-        min_p=floats([p.min_p for p in params]),
-        seeds=ints([r.seed for r in reqs]),
-        steps=ints([len(r.output_ids) for r in reqs]),
+        temperature=fl[:b],
+        top_p=fl[b : 2 * b],
+        min_p=fl[2 * b :],
+        top_k=it[:b],
+        seeds=it[b : 2 * b],
+        steps=it[2 * b :],
         all_greedy=all(p.greedy for p in params),
         use_top_k=any(0 < p.top_k < vocab and not p.greedy for p in params),
         use_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),

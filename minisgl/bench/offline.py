@@ -12,6 +12,7 @@ passed through, so each optimisation can be switched off for ablations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -37,6 +38,8 @@ class Workload:
     input_len: tuple[int, int]
     output_len: tuple[int, int]
     temperature: float
+    shared_prefix: int = 0  # tokens of a prefix shared by each group of `group` prompts
+    group: int = 1
 
 
 WORKLOADS = {
@@ -44,6 +47,9 @@ WORKLOADS = {
     "W2": Workload("W2", 256, (512, 512), (256, 256), 0.0),
     "W3": Workload("W3", 500, (1, 4096), (1, 2048), 0.0),
     "W4": Workload("W4", 1, (256, 256), (1024, 1024), 0.0),
+    # W6: 64 groups x 16 prompts; each group shares a 2048-token system prompt, then a
+    # 128-token question (input_len is the question, shared_prefix the system prompt).
+    "W6": Workload("W6", 64 * 16, (128, 128), (256, 256), 0.0, shared_prefix=2048, group=16),
 }
 
 
@@ -51,10 +57,13 @@ def make_requests(w: Workload, vocab: int, seed: int = 0) -> list[tuple[list[int
     """(prompt token ids, output length) pairs, reproducible from the seed."""
     rng = random.Random(seed)
     out = []
-    for _ in range(w.num_prompts):
+    prefix: list[int] = []
+    for i in range(w.num_prompts):
+        if i % w.group == 0:
+            prefix = [rng.randrange(10, vocab - 10) for _ in range(w.shared_prefix)]
         n_in = rng.randint(*w.input_len)
         n_out = rng.randint(*w.output_len)
-        out.append(([rng.randrange(10, vocab - 10) for _ in range(n_in)], n_out))
+        out.append((prefix + [rng.randrange(10, vocab - 10) for _ in range(n_in)], n_out))
     return out
 
 
@@ -85,6 +94,7 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
     # Warm up with a few short requests (compilation, graph capture stay out of the timing).
     llm.generate(prompts[:4], SamplingParams(max_new_tokens=8, ignore_eos=True))
     llm.scheduler.release_all_cache()
+    before = llm.scheduler.stats()
     sync(llm.runner.device)
     t = time.perf_counter()
     first_token_at: float | None = None
@@ -100,7 +110,13 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
     sync(llm.runner.device)
     wall = time.perf_counter() - t
     ttft = (first_token_at or t) - t
+    after = llm.scheduler.stats()
+    prompt_tokens = after.prompt_tokens - before.prompt_tokens
     return {
+        "cached_tokens": after.cached_tokens - before.cached_tokens,
+        "cache_hit_rate": (after.cached_tokens - before.cached_tokens) / max(1, prompt_tokens),
+        "computed_tokens": after.computed_tokens - before.computed_tokens,
+        "retractions": after.retractions - before.retractions,
         "wall_s": wall,
         "output_tokens": generated,
         "output_tok_s": generated / wall,
@@ -155,7 +171,7 @@ def main() -> None:
     logging.basicConfig(level=args.log_level.upper())
     w = WORKLOADS[args.workload]
     if args.num_prompts:
-        w = Workload(w.name, args.num_prompts, w.input_len, w.output_len, w.temperature)
+        w = dataclasses.replace(w, num_prompts=args.num_prompts)
     opts = engine_options(args)
     llm = LLM(args.model, **opts)
     reqs = make_requests(w, llm.runner.model_config.vocab_size)

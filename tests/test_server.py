@@ -365,6 +365,12 @@ BAD_REQUESTS: dict[str, tuple[generation_pb2.GenerateRequest, str]] = {
         generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="hello " * 400)),
         "prompt",
     ),
+    "text prompt of more characters than 32 x the context (oversized)": (
+        generation_pb2.GenerateRequest(
+            prompt=common_pb2.Prompt(text="x" * (32 * MAX_MODEL_LEN + 1))
+        ),
+        "prompt.text",
+    ),
     "max_new_tokens 0": (
         generation_pb2.GenerateRequest(prompt=_P, stopping={"max_new_tokens": 0}),
         "stopping.max_new_tokens",

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from minisgl.v1 import generation_pb2_grpc
+from minisgl.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.server_util import Server, pid_alive, run_server, wait_idle, wait_until
 
 from minisgl_client import StreamDelta, build_stream_request  # isort: skip
@@ -70,6 +70,8 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "1",
         "--max-model-len",
         "512",
+        "--max-message-mib",
+        "1",
         wait=False,
     ) as server:
         server.wait_serving()
@@ -92,6 +94,23 @@ def test_not_serving_and_unavailable_until_warm(small_server: Server) -> None:
     ]
     serving = log.index("serving minisgl-demo")
     assert order[0] < min(order[1:]) and max(order) < serving
+
+
+def test_message_over_the_transport_limit_is_resource_exhausted(small_server: Server) -> None:
+    """Past --max-message-mib gRPC itself refuses the message; the server keeps serving."""
+    big = generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="x" * (2 * 2**20)))
+    with small_server.channel() as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(big, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        ok = stub.Generate(
+            generation_pb2.GenerateRequest(
+                prompt=common_pb2.Prompt(text="hi"), stopping={"max_new_tokens": 2}
+            ),
+            timeout=60,
+        )
+        assert len(ok.token_ids) == 2
 
 
 def test_queue_limit_is_resource_exhausted(small_server: Server) -> None:

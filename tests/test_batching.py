@@ -18,6 +18,7 @@ import torch
 from minisgl.attention.base import ForwardBatch
 from minisgl.llm import LLM, RequestOutput
 from minisgl.sampling_params import SamplingParams
+from tests.engine_util import assert_idle
 
 VARIANT = "llama"
 VOCAB = 2048
@@ -69,18 +70,6 @@ def make_llm(path: Path, num_pages: int = 256, **options: int) -> LLM:
 
 def pages_for(tokens: int) -> int:
     return -(-tokens // PAGE_SIZE)
-
-
-def assert_idle(llm: LLM) -> None:
-    """Nothing queued or running, every KV page back in the free list."""
-    llm.scheduler.check_invariants()
-    stats = llm.scheduler.stats()
-    assert stats.waiting == 0 and stats.running == 0
-    llm.scheduler.release_all_cache()  # cached prefixes hold pages until evicted
-    llm.scheduler.check_invariants()
-    stats = llm.scheduler.stats()
-    assert stats.free_pages == stats.total_pages
-    assert not llm.has_unfinished()
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from minisgl.attention.base import ForwardBatch
 from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
 from tests.checkpoints import VARIANTS, load_hf, make_checkpoint
+from tests.engine_util import assert_idle
 
 VOCAB = 2048
 # 1: a single-token prompt; 16/17: exactly one page of 16 and one token over; 80: longer than
@@ -49,18 +50,6 @@ def make_llm(path: Path, page_size: int = 4, **options: Any) -> LLM:
     tokens = sum(n + MAX_NEW for n in PROMPT_LENS)
     num_pages = -(-tokens // page_size) + len(PROMPT_LENS)
     return LLM(str(path), page_size=page_size, num_pages=num_pages, progress=False, **options)
-
-
-def assert_idle(llm: LLM) -> None:
-    """Nothing queued or running, every KV page back in the free list."""
-    llm.scheduler.check_invariants()
-    stats = llm.scheduler.stats()
-    assert stats.waiting == 0 and stats.running == 0
-    llm.scheduler.release_all_cache()  # cached prefixes hold pages until evicted
-    llm.scheduler.check_invariants()
-    stats = llm.scheduler.stats()
-    assert stats.free_pages == stats.total_pages
-    assert not llm.has_unfinished()
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from minisgl.engine.sampler import (
 from minisgl.llm import LLM, RequestOutput
 from minisgl.sampling_params import SamplingParams
 from tests.checkpoints import load_hf
+from tests.engine_util import assert_idle
 
 FloatArg = float | Sequence[float]
 IntArg = int | Sequence[int]
@@ -514,16 +515,6 @@ def llm(llama_dir: Path) -> Iterator[LLM]:
 @pytest.fixture(scope="module")
 def hf_model(llama_dir: Path) -> Any:
     return load_hf(llama_dir)
-
-
-def assert_idle(engine: LLM) -> None:
-    stats = engine.scheduler.stats()
-    assert not engine.has_unfinished()
-    assert (stats.waiting, stats.running) == (0, 0)
-    engine.scheduler.release_all_cache()  # cached prefixes hold pages until evicted
-    engine.scheduler.check_invariants()
-    stats = engine.scheduler.stats()
-    assert stats.free_pages == stats.total_pages
 
 
 def hf_logprobs(hf: Any, out: RequestOutput) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 
 from minisgl import LLM, SamplingParams
 from minisgl.llm import RequestOutput
+from tests.engine_util import assert_idle
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
 
@@ -25,16 +26,6 @@ def _prompts(n: int = 10, shared: int = 40, seed: int = 0) -> list[list[int]]:
 def _engine(path: Path, **kw: Any) -> LLM:
     kw.setdefault("num_pages", 256)
     return LLM(str(path), progress=False, **kw)
-
-
-def _assert_clean(llm: LLM) -> None:
-    """All requests gone, invariants hold, and every page is free once the cache is dropped."""
-    sched = llm.scheduler
-    sched.check_invariants()
-    assert not sched.running and not sched.waiting
-    sched.release_all_cache()
-    sched.check_invariants()
-    assert sched.allocator.num_free == sched.allocator.num_pages
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def test_greedy_outputs_do_not_depend_on_cache_chunking_or_pages(
     assert [o.token_ids for o in first + rest] == reference
     if not options.get("disable_radix_cache"):
         assert all(o.cached_tokens > 0 for o in rest)
-    _assert_clean(llm)
+    assert_idle(llm)
 
 
 LONG = SamplingParams(temperature=0.0, max_new_tokens=80, ignore_eos=True)
@@ -93,7 +84,7 @@ def test_retraction_under_a_tiny_pool_keeps_outputs(
     outs = llm.generate(_prompts(), LONG)
     assert [o.token_ids for o in outs] == long_reference
     assert llm.scheduler.stats().retractions > 0, "the pool was meant to force retractions"
-    _assert_clean(llm)
+    assert_idle(llm)
 
 
 def test_shared_prefix_reports_cached_tokens_and_computes_fewer(
@@ -120,7 +111,7 @@ def test_shared_prefix_reports_cached_tokens_and_computes_fewer(
             assert stats.cache_hit_rate == pytest.approx(
                 shared * len(rest) / sum(len(p) for p in prompts)
             )
-        _assert_clean(llm)
+        assert_idle(llm)
     assert computed[True] - computed[False] == shared * (len(prompts) - 1)
 
 
@@ -133,7 +124,7 @@ def test_identical_prompt_twice_reuses_all_but_the_last_token(
     b = llm.generate(prompt, GREEDY)[0]
     assert a.token_ids == b.token_ids
     assert b.cached_tokens == len(prompt) - 1  # one token is always computed
-    _assert_clean(llm)
+    assert_idle(llm)
 
 
 def _run(llm: LLM, until: int = 10_000) -> dict[str, RequestOutput]:
@@ -192,7 +183,7 @@ def test_abort_at_every_stage(
         if rid != victim:
             assert done[rid].token_ids == ref
     assert victim not in done
-    _assert_clean(llm)
+    assert_idle(llm)
 
 
 def test_decodes_get_a_token_every_step_while_a_long_prompt_is_chunked(
@@ -221,7 +212,7 @@ def test_decodes_get_a_token_every_step_while_a_long_prompt_is_chunked(
     llm.abort(long_rid)
     for rid in short:
         llm.abort(rid)
-    _assert_clean(llm)
+    assert_idle(llm)
 
 
 def test_requests_that_can_never_fit_are_rejected_up_front(checkpoints: dict[str, Path]) -> None:
@@ -232,7 +223,7 @@ def test_requests_that_can_never_fit_are_rejected_up_front(checkpoints: dict[str
         llm.generate([7] * 512, SamplingParams(max_new_tokens=1))
     out = llm.generate([7] * 40, SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
     assert len(out.token_ids) == 20
-    _assert_clean(llm)
+    assert_idle(llm)
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
@@ -246,7 +237,7 @@ def test_lpm_admits_requests_with_a_cached_prefix_first(
     warm = llm.submit([*cached_prefix[:32], 9, 9, 9], GREEDY)
     order = [out.rid for out in _run(llm).values()]
     assert order == ([warm, cold] if policy == "lpm" else [cold, warm])
-    _assert_clean(llm)
+    assert_idle(llm)
 
 
 def test_stats_report_load(checkpoints: dict[str, Path]) -> None:
@@ -259,4 +250,4 @@ def test_stats_report_load(checkpoints: dict[str, Path]) -> None:
     assert 0 < stats.pool_usage < 1
     _run(llm)
     assert llm.scheduler.stats().running == 0
-    _assert_clean(llm)
+    assert_idle(llm)

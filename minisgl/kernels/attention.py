@@ -28,25 +28,20 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from minisgl.kernels.jit import jit
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 _MIN_SPLIT_TOKENS = 128  # a split walks at least this many keys (two BLOCK_N tiles)
 
 
-def _jit(fn: Callable[..., None]) -> Any:
-    """triton.jit with a typed signature (triton ships no type information)."""
-    return triton.jit(fn)
-
-
-@_jit
+@jit
 def _attend_tile(  # type: ignore[no-untyped-def]
     acc,
     m_i,
@@ -108,7 +103,7 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     return acc, m_new, l_i
 
 
-@_jit
+@jit
 def _decode_kernel(  # type: ignore[no-untyped-def]
     Q,
     K,
@@ -196,7 +191,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
-@_jit
+@jit
 def _merge_kernel(  # type: ignore[no-untyped-def]
     MidO,
     MidLse,
@@ -236,7 +231,7 @@ def _merge_kernel(  # type: ignore[no-untyped-def]
     )
 
 
-@_jit
+@jit
 def _extend_kernel(  # type: ignore[no-untyped-def]
     Q,
     K,

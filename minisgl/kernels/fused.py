@@ -13,20 +13,14 @@ Importing this module imports triton; the CPU path never imports it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _jit(fn: Callable[..., None]) -> Any:
-    """triton.jit with a typed signature (triton ships no type information)."""
-    return triton.jit(fn)
+from minisgl.kernels.jit import jit
 
 
-@_jit
+@jit
 def _rmsnorm_kernel(  # type: ignore[no-untyped-def]
     X,
     R,
@@ -84,7 +78,7 @@ def add_rmsnorm(
     return out, summed
 
 
-@_jit
+@jit
 def _rotary_kernel(  # type: ignore[no-untyped-def]
     Q,
     K,
@@ -133,7 +127,7 @@ def rotary_(
     )  # fmt: skip
 
 
-@_jit
+@jit
 def _silu_mul_kernel(X, Y, n_cols, stride_x, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

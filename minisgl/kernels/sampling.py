@@ -9,20 +9,14 @@ race argmax(softmax(l / T) / -log u), without materialising probabilities or noi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _jit(fn: Callable[..., Any]) -> Any:
-    """triton.jit with a typed signature (triton ships no type information)."""
-    return triton.jit(fn)
+from minisgl.kernels.jit import jit
 
 
-@_jit
+@jit
 def _fmix32(h):  # type: ignore[no-untyped-def]
     h = h ^ (h >> 16)
     h = h * tl.full(h.shape, 0x85EBCA6B, tl.uint32)
@@ -31,7 +25,7 @@ def _fmix32(h):  # type: ignore[no-untyped-def]
     return h ^ (h >> 16)
 
 
-@_jit
+@jit
 def _sample_kernel(  # type: ignore[no-untyped-def]
     LOGITS, stride, ROW_HASH, TEMP, OUT, vocab, BLOCK: tl.constexpr
 ):

@@ -11,7 +11,6 @@ from minisgl.attention.registry import create_backend, resolve_backend
 from minisgl.config import EngineConfig
 from minisgl.engine.cuda_graph import DecodeGraphs
 from minisgl.engine.sampler import SampleOutput, SamplingBatch, sample
-from minisgl.kvcache.pool import KVPool
 from minisgl.models.loader import build_model, init_dummy_weights, load_weights
 from minisgl.models.source import ModelSource
 
@@ -63,9 +62,19 @@ class ModelRunner:
         )
 
     def capture_decode_graphs(
-        self, page_table: torch.Tensor, pool: KVPool, scratch_row: int, max_bs: int
+        self,
+        page_table: torch.Tensor,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        page_size: int,
+        scratch_page: int,
+        scratch_row: int,
+        max_bs: int,
     ) -> None:
-        """Capture decode CUDA graphs over this page table and pool (if the backend allows)."""
+        """Capture decode CUDA graphs over this page table and KV cache (if the backend allows).
+
+        Padding rows use page-table row `scratch_row`, whose entries all point at `scratch_page`.
+        """
         if not self.attn.supports_cuda_graph:
             log.info("%s attention cannot run in CUDA graphs; decoding eagerly", self.attn.name)
             return
@@ -73,11 +82,11 @@ class ModelRunner:
             self._forward,
             self.attn,
             page_table,
-            pool.k_caches,
-            pool.v_caches,
-            pool.page_size,
+            k_caches,
+            v_caches,
+            page_size,
             scratch_row=scratch_row,
-            scratch_slot=pool.scratch_page * pool.page_size,
+            scratch_slot=scratch_page * page_size,
             max_bs=max_bs,
             progress=self.progress,
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minisgl.layers.rotary import RopeConfig
 from minisgl.models.errors import ModelLoadError
 
 #: Architectures served by the single decoder implementation in minisgl.models.decoder.
@@ -16,18 +17,6 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding parameters (default or llama3 scaling)."""
-
-    theta: float
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,10 @@ class Scheduler:
         if runner.device.type == "cuda" and not cfg.disable_cuda_graph:
             runner.capture_decode_graphs(
                 self.page_table,
-                self.pool,
+                self.pool.k_caches,
+                self.pool.v_caches,
+                cfg.page_size,
+                scratch_page=self.pool.scratch_page,
                 scratch_row=cfg.max_running_requests,
                 max_bs=min(cfg.cuda_graph_max_bs, cfg.max_running_requests),
             )

@@ -22,8 +22,10 @@ def measure(requests: int, steps: int, prompt_len: int, **engine: Any) -> dict[s
     """Per-step scheduler and model times (ms) once all requests decode together."""
     llm = LLM(None, progress=False, max_running_requests=requests, **engine)
     params = SamplingParams(temperature=0.0, max_new_tokens=steps + 10, ignore_eos=True)
-    for i in range(requests):
+    rids = [
         llm.submit([3 + (i * 7 + j) % 2000 for j in range(prompt_len)], params)
+        for i in range(requests)
+    ]
     sched, runner = llm.scheduler, llm.runner
     inside = 0.0
     forward, sample = runner.forward, runner.sample
@@ -47,7 +49,7 @@ def measure(requests: int, steps: int, prompt_len: int, **engine: Any) -> dict[s
         t = time.perf_counter()
         sched.step()
         total += time.perf_counter() - t
-    for rid in list(llm._pending):
+    for rid in rids:
         llm.abort(rid)
     return {
         "requests": requests,

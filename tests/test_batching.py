@@ -111,15 +111,6 @@ def assert_same_output(got: RequestOutput, want: RequestOutput) -> None:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add sync overhead (and thrash on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(checkpoints: dict[str, Path]) -> Path:
     return checkpoints[VARIANT]

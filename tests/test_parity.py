@@ -70,15 +70,6 @@ def record_batches(llm: LLM) -> Iterator[list[list[int]]]:
         del runner.forward  # back to the class's method
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add sync overhead (and thrash on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(1234)

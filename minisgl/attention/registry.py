@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from minisgl.attention.base import AttentionBackend
+from minisgl.kernels import triton_available
 
 BACKENDS = ("torch", "triton")
 
@@ -13,7 +12,7 @@ def resolve_backend(name: str, device_type: str) -> str:
     """'auto': our Triton kernels on CUDA when triton imports, else the torch reference."""
     if name != "auto":
         return name
-    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if device_type == "cuda" and triton_available():
         return "triton"
     return "torch"
 

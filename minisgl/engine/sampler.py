@@ -7,11 +7,11 @@ else shares its batch, on any device, without a torch.Generator per request.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
+
+from minisgl.kernels import gpu_kernels
 
 _MASK32 = 0xFFFFFFFF
 
@@ -65,7 +65,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         if sb.top_logprobs:
             top_lps, top_ids = raw.topk(sb.top_logprobs, dim=-1)
     logits = _apply_constraints(logits, sb)
-    fused = fused_sampling(logits)
+    fused = gpu_kernels(logits, "sampling")
     if fused is not None and not (sb.use_top_k or sb.use_top_p or sb.use_min_p):
         ids = fused.sample_rows(logits, sb.temperature, row_hash(sb.seeds, sb.steps))
     elif sb.all_greedy:
@@ -76,15 +76,6 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
     if sb.want_logprobs or sb.top_logprobs:
         logprobs = raw.gather(1, ids[:, None]).squeeze(1)
     return SampleOutput(ids, logprobs, top_ids, top_lps)
-
-
-def fused_sampling(logits: torch.Tensor) -> ModuleType | None:
-    """minisgl.kernels.sampling for CUDA logits when triton is installed, else None."""
-    if not logits.is_cuda or importlib.util.find_spec("triton") is None:
-        return None
-    from minisgl.kernels import sampling
-
-    return sampling
 
 
 def _apply_constraints(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minisgl.layers.fused import fused_for
+from minisgl.kernels import gpu_kernels
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2*I] (gate then up) -> silu(gate) * up, [..., I]."""
-    fused = fused_for(gate_up)
+    fused = gpu_kernels(gate_up, "fused")
     if fused is not None and gate_up.dim() == 2:
         out: torch.Tensor = fused.silu_and_mul(gate_up)
         return out

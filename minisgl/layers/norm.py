@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.layers.fused import fused_for
+from minisgl.kernels import gpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = fused_for(x)
+        fused = gpu_kernels(x, "fused")
         if fused is not None:
             out: torch.Tensor = fused.rmsnorm(x, self.weight, self.eps)
             return out
@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual)."""
-        fused = fused_for(x)
+        fused = gpu_kernels(x, "fused")
         if fused is not None:
             pair: tuple[torch.Tensor, torch.Tensor] = fused.add_rmsnorm(
                 x, residual, self.weight, self.eps

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from minisgl.layers.fused import fused_for
+from minisgl.kernels import gpu_kernels
 from minisgl.layers.rope_config import RopeConfig
 
 
@@ -48,7 +48,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D] -> rotated (same shapes and dtypes; in place on GPU)."""
-        fused = fused_for(q)
+        fused = gpu_kernels(q, "fused")
         if fused is not None:
             fused.rotary_(positions, q, k, self.cos_sin)
             return q, k

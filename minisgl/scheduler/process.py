@@ -46,7 +46,7 @@ def model_info(engine: Engine) -> ModelInfo:
         context_length=engine.max_model_len,
         vocab_size=mc.vocab_size,
         eos_token_ids=sorted(sched.eos_ids),
-        has_tokenizer=True,
+        has_tokenizer=engine.source.has_text_tokenizer,
         dtype=str(engine.runner.dtype).removeprefix("torch."),
         device=str(engine.runner.device),
         attention_backend=engine.runner.attn.name,
@@ -85,7 +85,7 @@ def _to_out(ev: TokenEvent, params: SamplingParams | None) -> TokenOut:
     )
 
 
-def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, has_tokenizer: bool) -> None:
+def run_scheduler(cfg: EngineConfig, endpoints: Endpoints) -> None:
     """Load, warm up, announce ModelInfo, then loop: take messages, step, send outputs."""
     engine = build_engine(cfg)
     sched = engine.scheduler
@@ -94,9 +94,7 @@ def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, has_tokenizer: bool) 
     inbox = Receiver(ctx, endpoints.scheduler)
     to_detok = Sender(ctx, endpoints.detokenizer)
     to_frontend = Sender(ctx, endpoints.frontend)
-    info = model_info(engine)
-    info.has_tokenizer = has_tokenizer
-    to_frontend.send(info)
+    to_frontend.send(model_info(engine))
     log.info("scheduler ready")
     new_params: dict[str, SamplingParams] = {}  # requests whose first output is not out yet
     last_load: Load | None = None

@@ -58,23 +58,21 @@ class Workers:
     """The three worker processes and their shutdown."""
 
     def __init__(self, cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) -> None:
-        source = resolve_model(cfg.model, cfg.dummy_weights)  # fail fast, in this process
-        max_len = source.context_length(cfg.max_model_len)
+        resolve_model(cfg.model, cfg.dummy_weights)  # fail fast, in this process
         ctx = multiprocessing.get_context("spawn")
         specs = {
-            "tokenizer": ("minisgl.tokenizer.worker", "run_tokenizer", (cfg, endpoints, max_len)),
-            "detokenizer": ("minisgl.tokenizer.worker", "run_detokenizer", (cfg, endpoints)),
-            "scheduler": (
-                "minisgl.scheduler.process",
-                "run_scheduler",
-                (cfg, endpoints, source.has_text_tokenizer),
-            ),
+            "tokenizer": ("minisgl.tokenizer.worker", "run_tokenizer"),
+            "detokenizer": ("minisgl.tokenizer.worker", "run_detokenizer"),
+            "scheduler": ("minisgl.scheduler.process", "run_scheduler"),
         }
         self.endpoints = endpoints
         self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
-        for name, (module, fn, args) in specs.items():
+        for name, (module, fn) in specs.items():
             proc = ctx.Process(
-                target=_child_main, args=(module, fn, scfg.log_level, args), name=name, daemon=True
+                target=_child_main,
+                args=(module, fn, scfg.log_level, (cfg, endpoints)),
+                name=name,
+                daemon=True,
             )
             proc.start()
             log.info("%s process pid %d", name, proc.pid)

@@ -50,9 +50,10 @@ def _prompt_of(
     return ids or []
 
 
-def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints, max_model_len: int) -> None:
+def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
     """Tokenize requests and answer Tokenize/Detokenize calls until Shutdown."""
     source = resolve_model(cfg.model, cfg.dummy_weights)
+    max_model_len = source.context_length(cfg.max_model_len)
     tok = tokenizer_for(source)
     vocab = source.config.vocab_size
     ctx = zmq.Context()

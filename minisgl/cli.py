@@ -79,6 +79,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="largest decode batch put in a CUDA graph",
     )
     g.add_argument(
+        "--overlap-schedule",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="prepare and launch step N+1 on the CPU while the GPU runs step N "
+        "(auto: on with CUDA, off on CPU where nothing runs asynchronously)",
+    )
+    g.add_argument(
         "--disable-radix-cache",
         action="store_true",
         help="recompute every prompt instead of reusing cached prefixes",

@@ -38,6 +38,8 @@ class EngineConfig:
     """Run decode steps eagerly instead of replaying captured CUDA graphs (GPU only)."""
     cuda_graph_max_bs: int = 256
     """Largest decode batch captured in a CUDA graph (capped by max_running_requests)."""
+    overlap_schedule: str = "auto"
+    """auto | on | off: plan and launch step N+1 while the GPU runs step N (auto: on CUDA)."""
     disable_radix_cache: bool = False
     """Recompute every prompt instead of reusing cached prefixes."""
     schedule_policy: str = "fcfs"
@@ -72,6 +74,10 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.chunked_prefill_size < 1:
             raise ValueError("chunked_prefill_size must be >= 1")
+        if self.overlap_schedule not in ("auto", "on", "off"):
+            raise ValueError(
+                f"overlap_schedule must be auto, on or off, not {self.overlap_schedule!r}"
+            )
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be fcfs or lpm, not {self.schedule_policy!r}")
         if not 0.0 < self.mem_fraction <= 1.0:

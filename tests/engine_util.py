@@ -12,6 +12,10 @@ def assert_idle(llm: LLM) -> None:
     sched.check_invariants()
     assert not llm.has_unfinished()
     assert not sched.running and not sched.waiting
+    # With overlap scheduling a step may still be in flight (the token after a stop, or a
+    # step whose requests were all aborted): reading it back must produce nothing.
+    assert sched.step() == []
+    assert not sched.has_work()
     sched.release_all_cache()
     sched.check_invariants()
     assert sched.allocator.num_free == sched.allocator.num_pages

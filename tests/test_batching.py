@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def params(
     )
 
 
-def make_llm(path: Path, num_pages: int = 256, **options: int) -> LLM:
+def make_llm(path: Path, num_pages: int = 256, **options: Any) -> LLM:
     return LLM(str(path), page_size=PAGE_SIZE, num_pages=num_pages, progress=False, **options)
 
 
@@ -122,14 +123,22 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-@pytest.fixture(scope="module")
-def llm(ckpt: Path) -> LLM:
-    return make_llm(ckpt)
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "overlap"])
+def overlap(request: pytest.FixtureRequest) -> str:
+    """Every test runs with and without overlap scheduling (see minisgl.scheduler)."""
+    param: str = request.param
+    return param
 
 
 @pytest.fixture(scope="module")
-def alone(llm: LLM, prompts: list[list[int]]) -> list[RequestOutput]:
-    """Each prompt run by itself: the reference every batched run must reproduce."""
+def llm(ckpt: Path, overlap: str) -> LLM:
+    return make_llm(ckpt, overlap_schedule=overlap)
+
+
+@pytest.fixture(scope="module")
+def alone(ckpt: Path, prompts: list[list[int]]) -> list[RequestOutput]:
+    """Each prompt run by itself, without overlap: the reference every run must reproduce."""
+    llm = make_llm(ckpt, overlap_schedule="off")
     outs: list[RequestOutput] = []
     for p, m in zip(prompts, MAX_NEW, strict=True):
         with record_batches(llm) as batches:
@@ -193,10 +202,10 @@ def test_one_batch_matches_alone(
 
 
 def test_max_running_requests(
-    ckpt: Path, prompts: list[list[int]], alone: list[RequestOutput]
+    ckpt: Path, overlap: str, prompts: list[list[int]], alone: list[RequestOutput]
 ) -> None:
     """With two rows, six requests queue and all complete with unchanged output."""
-    small = make_llm(ckpt, max_running_requests=2)
+    small = make_llm(ckpt, overlap_schedule=overlap, max_running_requests=2)
     rids = [small.submit(p, params(m)) for p, m in zip(prompts[:6], MAX_NEW[:6], strict=True)]
     assert small.scheduler.stats().waiting == 6
     most_running = 0
@@ -222,13 +231,13 @@ def test_max_running_requests(
 
 
 def test_small_kv_pool_queues(
-    ckpt: Path, prompts: list[list[int]], alone: list[RequestOutput]
+    ckpt: Path, overlap: str, prompts: list[list[int]], alone: list[RequestOutput]
 ) -> None:
     """A pool that fits the largest request (and little more) makes requests wait for pages."""
     needs = [pages_for(len(p) + m) for p, m in zip(prompts, MAX_NEW, strict=True)]
     num_pages = max(needs) + 4
     assert sum(needs) > 2 * num_pages  # far from everyone at once
-    small = make_llm(ckpt, num_pages=num_pages)
+    small = make_llm(ckpt, overlap_schedule=overlap, num_pages=num_pages)
     rids = [small.submit(p, params(m)) for p, m in zip(prompts, MAX_NEW, strict=True)]
     done: dict[str, RequestOutput] = {}
     saw_queue = False
@@ -305,7 +314,7 @@ def test_min_new_tokens_defers_stop(
 
 
 def test_eos_from_checkpoint(
-    ckpt: Path, tmp_path: Path, prompts: list[list[int]], alone: list[RequestOutput]
+    ckpt: Path, overlap: str, tmp_path: Path, prompts: list[list[int]], alone: list[RequestOutput]
 ) -> None:
     """The checkpoint's eos id stops generation unless ignore_eos; min_new_tokens defers it."""
     i, stop = _stop_case(alone)
@@ -315,7 +324,7 @@ def test_eos_from_checkpoint(
         cfg = json.loads((path / name).read_text())
         cfg["eos_token_id"] = stop
         (path / name).write_text(json.dumps(cfg))
-    eos_llm = make_llm(path)
+    eos_llm = make_llm(path, overlap_schedule=overlap)
     ref = alone[i]
     assert ref.top_logprobs is not None
     runner_up = ref.top_logprobs[2][1][0]
@@ -342,7 +351,7 @@ def test_eos_from_checkpoint(
 
 
 def test_max_new_tokens_and_context_limit(
-    ckpt: Path, llm: LLM, prompts: list[list[int]], alone: list[RequestOutput]
+    ckpt: Path, overlap: str, llm: LLM, prompts: list[list[int]], alone: list[RequestOutput]
 ) -> None:
     """max_new_tokens=1 finishes at the prefill step; the context length caps generation."""
     outs = llm.generate(prompts, params(1))
@@ -351,7 +360,7 @@ def test_max_new_tokens_and_context_limit(
     assert_idle(llm)
 
     i = 4  # 24 prompt tokens, 11 new ones alone
-    short = make_llm(ckpt, max_model_len=len(prompts[i]) + 5)
+    short = make_llm(ckpt, overlap_schedule=overlap, max_model_len=len(prompts[i]) + 5)
     out = short.generate([prompts[i]], params(MAX_NEW[i]))[0]
     assert out.token_ids == alone[i].token_ids[:5]
     assert out.finish_reason == "length"

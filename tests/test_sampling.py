@@ -505,9 +505,17 @@ def llama_dir(checkpoints: dict[str, Path]) -> Path:
     return checkpoints["llama"]
 
 
-@pytest.fixture(scope="module")
-def llm(llama_dir: Path) -> Iterator[LLM]:
-    engine = LLM(str(llama_dir), num_pages=48, max_model_len=128, progress=False)
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "overlap"])
+def llm(llama_dir: Path, request: pytest.FixtureRequest) -> Iterator[LLM]:
+    """With and without overlap scheduling: penalties and bans then see the newest output
+    token only as a placeholder on the host, resolved on the device."""
+    engine = LLM(
+        str(llama_dir),
+        num_pages=48,
+        max_model_len=128,
+        overlap_schedule=request.param,
+        progress=False,
+    )
     yield engine
     assert_idle(engine)
 

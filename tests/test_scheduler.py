@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from minisgl import LLM, SamplingParams
 from minisgl.llm import RequestOutput
+from minisgl.scheduler.request import TokenEvent
 from tests.engine_util import assert_idle
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
@@ -26,6 +28,13 @@ def _prompts(n: int = 10, shared: int = 40, seed: int = 0) -> list[list[int]]:
 def _engine(path: Path, **kw: Any) -> LLM:
     kw.setdefault("num_pages", 256)
     return LLM(str(path), progress=False, **kw)
+
+
+@pytest.fixture(params=["off", "on"], ids=["sync", "overlap"])
+def make(request: pytest.FixtureRequest, checkpoints: dict[str, Path]) -> Callable[..., LLM]:
+    """Engines on the llama checkpoint, with and without overlap scheduling (on the CPU
+    overlap changes nothing in timing, but runs every request through the placeholder path)."""
+    return lambda **kw: _engine(checkpoints["llama"], overlap_schedule=request.param, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +55,11 @@ def reference(checkpoints: dict[str, Path]) -> list[list[int]]:
     ],
 )
 def test_greedy_outputs_do_not_depend_on_cache_chunking_or_pages(
-    checkpoints: dict[str, Path], reference: list[list[int]], options: dict[str, Any]
+    make: Callable[..., LLM],
+    reference: list[list[int]],
+    options: dict[str, Any],
 ) -> None:
-    llm = _engine(checkpoints["llama"], **options)
+    llm = make(**options)
     # Two waves, so the second finds the first's prefixes in the cache.
     prompts = _prompts()
     first = llm.generate(prompts[:3], GREEDY)
@@ -77,10 +88,12 @@ def long_reference(checkpoints: dict[str, Path]) -> list[list[int]]:
     ],
 )
 def test_retraction_under_a_tiny_pool_keeps_outputs(
-    checkpoints: dict[str, Path], long_reference: list[list[int]], options: dict[str, Any]
+    make: Callable[..., LLM],
+    long_reference: list[list[int]],
+    options: dict[str, Any],
 ) -> None:
     # Up to ~150 tokens per request, 10 requests: the pool holds only a couple at once.
-    llm = _engine(checkpoints["llama"], **options)
+    llm = make(**options)
     outs = llm.generate(_prompts(), LONG)
     assert [o.token_ids for o in outs] == long_reference
     assert llm.scheduler.stats().retractions > 0, "the pool was meant to force retractions"
@@ -88,14 +101,14 @@ def test_retraction_under_a_tiny_pool_keeps_outputs(
 
 
 def test_shared_prefix_reports_cached_tokens_and_computes_fewer(
-    checkpoints: dict[str, Path],
+    make: Callable[..., LLM],
 ) -> None:
     page = 16
     shared = 64  # four whole pages
     prompts = _prompts(n=9, shared=shared, seed=1)
     computed = {}
     for disable in (False, True):
-        llm = _engine(checkpoints["llama"], page_size=page, disable_radix_cache=disable)
+        llm = make(page_size=page, disable_radix_cache=disable)
         first = llm.generate(prompts[0], GREEDY)[0]
         rest = llm.generate(prompts[1:], GREEDY)
         stats = llm.scheduler.stats()
@@ -116,9 +129,9 @@ def test_shared_prefix_reports_cached_tokens_and_computes_fewer(
 
 
 def test_identical_prompt_twice_reuses_all_but_the_last_token(
-    checkpoints: dict[str, Path],
+    make: Callable[..., LLM],
 ) -> None:
-    llm = _engine(checkpoints["llama"], page_size=1)
+    llm = make(page_size=1)
     prompt = _prompts(n=1, shared=20)[0]
     a = llm.generate(prompt, GREEDY)[0]
     b = llm.generate(prompt, GREEDY)[0]
@@ -139,7 +152,7 @@ def _run(llm: LLM, until: int = 10_000) -> dict[str, RequestOutput]:
 
 @pytest.mark.parametrize("stage", ["queued", "prefill-chunk", "decoding", "retracted"])
 def test_abort_at_every_stage(
-    checkpoints: dict[str, Path],
+    make: Callable[..., LLM],
     reference: list[list[int]],
     long_reference: list[list[int]],
     stage: str,
@@ -153,7 +166,7 @@ def test_abort_at_every_stage(
         params = LONG
     if stage == "queued":
         options["max_running_requests"] = 2
-    llm = _engine(checkpoints["llama"], **options)
+    llm = make(**options)
     prompts = _prompts()
     rids = [llm.submit(p, params) for p in prompts]
     victim = None
@@ -187,9 +200,9 @@ def test_abort_at_every_stage(
 
 
 def test_decodes_get_a_token_every_step_while_a_long_prompt_is_chunked(
-    checkpoints: dict[str, Path],
+    make: Callable[..., LLM],
 ) -> None:
-    llm = _engine(checkpoints["llama"], page_size=16, chunked_prefill_size=16)
+    llm = make(page_size=16, chunked_prefill_size=16)
     params = SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True)
     short = [llm.submit(p, params) for p in _prompts(n=4, shared=4)]
     for _ in range(4):  # prefill the short ones (chunked too) until all decode
@@ -215,8 +228,8 @@ def test_decodes_get_a_token_every_step_while_a_long_prompt_is_chunked(
     assert_idle(llm)
 
 
-def test_requests_that_can_never_fit_are_rejected_up_front(checkpoints: dict[str, Path]) -> None:
-    llm = _engine(checkpoints["llama"], page_size=16, num_pages=4)  # 64 tokens
+def test_requests_that_can_never_fit_are_rejected_up_front(make: Callable[..., LLM]) -> None:
+    llm = make(page_size=16, num_pages=4)  # 64 tokens
     with pytest.raises(ValueError, match="prompt"):
         llm.generate([7] * 40, SamplingParams(max_new_tokens=40))
     with pytest.raises(ValueError, match="context length"):
@@ -228,9 +241,9 @@ def test_requests_that_can_never_fit_are_rejected_up_front(checkpoints: dict[str
 
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
 def test_lpm_admits_requests_with_a_cached_prefix_first(
-    checkpoints: dict[str, Path], policy: str
+    make: Callable[..., LLM], policy: str
 ) -> None:
-    llm = _engine(checkpoints["llama"], page_size=4, max_running_requests=1, schedule_policy=policy)
+    llm = make(page_size=4, max_running_requests=1, schedule_policy=policy)
     cached_prefix = _prompts(n=1, shared=32, seed=3)[0]
     llm.generate(cached_prefix, GREEDY)
     cold = llm.submit(_prompts(n=1, shared=32, seed=4)[0], GREEDY)
@@ -240,8 +253,8 @@ def test_lpm_admits_requests_with_a_cached_prefix_first(
     assert_idle(llm)
 
 
-def test_stats_report_load(checkpoints: dict[str, Path]) -> None:
-    llm = _engine(checkpoints["llama"], max_running_requests=2)
+def test_stats_report_load(make: Callable[..., LLM]) -> None:
+    llm = make(max_running_requests=2)
     for p in _prompts(n=5):
         llm.submit(p, GREEDY)
     llm.step()
@@ -250,4 +263,133 @@ def test_stats_report_load(checkpoints: dict[str, Path]) -> None:
     assert 0 < stats.pool_usage < 1
     _run(llm)
     assert llm.scheduler.stats().running == 0
+    assert_idle(llm)
+
+
+def test_overlap_reads_each_step_back_after_launching_the_next(
+    checkpoints: dict[str, Path],
+) -> None:
+    llm = _engine(checkpoints["llama"], overlap_schedule="on")
+    sched = llm.scheduler
+    prompt = _prompts(n=1)[0]
+    rid = llm.submit(prompt, GREEDY)
+    assert sched.step() == []  # the prefill is launched; nothing has been read back
+    (req,) = sched.running
+    assert len(req.output_ids) == 1 and req.output_ids[0] < 0  # a placeholder
+    first = sched.step()  # launches decode 1 (its input resolved on the device), reads prefill
+    assert [e.rid for e in first] == [rid]
+    assert req.output_ids[0] == first[0].token_id >= 0 and req.output_ids[1] < 0
+    sched.check_invariants()
+    tokens = [first[0].token_id] + [e.token_id for e in _events_until_done(llm)]
+    sync = _engine(checkpoints["llama"], overlap_schedule="off").generate(prompt, GREEDY)[0]
+    assert tokens == sync.token_ids
+    sched.check_invariants()
+    assert not sched.has_work() and not sched.running
+
+
+def test_overlap_computes_one_dropped_token_after_a_stop(
+    checkpoints: dict[str, Path], reference: list[list[int]]
+) -> None:
+    prompt, ref = _prompts()[0], reference[0]
+    stop = next(t for i, t in enumerate(ref) if i >= 3 and t not in ref[:i])
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=[stop])
+    computed = {}
+    for mode in ("off", "on"):
+        llm = _engine(checkpoints["llama"], overlap_schedule=mode)
+        out = llm.generate(prompt, params)[0]
+        assert out.token_ids == ref[: ref.index(stop) + 1]
+        assert (out.finish_reason, out.matched_stop) == ("stop", stop)
+        computed[mode] = llm.scheduler.stats().computed_tokens
+        assert_idle(llm)
+    # The step after the stop was already running when the stop token was read back.
+    assert computed["on"] == computed["off"] + 1
+
+
+def _events_until_done(llm: LLM) -> list[TokenEvent]:
+    events: list[TokenEvent] = []
+    for _ in range(1000):
+        if not llm.scheduler.has_work():
+            return events
+        events += llm.scheduler.step()
+    raise AssertionError("the scheduler never finished")
+
+
+@pytest.mark.parametrize(("page_size", "num_pages"), [(1, 160), (16, 12), (4, 40)])
+def test_overlap_matches_sync_with_stops_retraction_and_aborts(
+    checkpoints: dict[str, Path], long_reference: list[list[int]], page_size: int, num_pages: int
+) -> None:
+    """Requests stop at tokens each produces often, in a pool small enough to retract them,
+    while others are aborted mid-way: overlap scheduling gives exactly the synchronous run."""
+    prompts = _prompts()
+    # Request i stops at the first token of its unconstrained output that is new at or after
+    # position 30 + 4i (or runs to the length limit if there is none).
+    stops = [
+        [next((t for j, t in enumerate(ref) if j >= 30 + 4 * i and t not in ref[:j]), -1)]
+        for i, ref in enumerate(long_reference)
+    ]
+    params = [
+        SamplingParams(
+            temperature=0.0,
+            max_new_tokens=80,
+            stop_token_ids=s if s[0] >= 0 else [],
+            ignore_eos=True,
+        )
+        for s in stops
+    ]
+    results = {}
+    for mode in ("off", "on"):
+        llm = _engine(
+            checkpoints["llama"],
+            overlap_schedule=mode,
+            page_size=page_size,
+            num_pages=num_pages,
+        )
+        rids = [llm.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        done: dict[str, RequestOutput] = {}
+        for step in range(10_000):
+            if not llm.has_unfinished():
+                break
+            if step in (7, 23):  # aborts at fixed steps
+                victim = rids[3 if step == 7 else 8]
+                if victim not in done and (out := llm.abort(victim)) is not None:
+                    done[victim] = out
+            for out in llm.step():
+                done[out.rid] = out
+            llm.scheduler.check_invariants()
+        results[mode] = [(done[r].token_ids, done[r].finish_reason) for r in rids]
+        assert llm.scheduler.stats().retractions > 0
+        assert_idle(llm)
+    assert results["on"] == results["off"]
+    assert sum(reason == "stop" for _, reason in results["on"]) >= 4
+
+
+def test_overlap_request_retracted_while_its_stop_token_is_in_flight(
+    checkpoints: dict[str, Path], reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop token is read back after the request went back to the queue: it finishes
+    from there, and nothing of it is left behind."""
+    llm = _engine(checkpoints["llama"], overlap_schedule="on", page_size=1)
+    sched = llm.scheduler
+    prompt, ref = _prompts()[0], reference[0]
+    stop = next(t for i, t in enumerate(ref) if i >= 2 and t not in ref[:i])
+    k = ref.index(stop)
+    rid = llm.submit(
+        prompt, SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=[stop])
+    )
+    plan_decodes = sched._plan_decodes
+    forced = []
+
+    def retract_when_stop_is_in_flight() -> list[Any]:
+        for r in list(sched.running):
+            # Its (k+1)-th token, the stop, is sampled by the step in flight.
+            if r.rid == rid and len(r.output_ids) == k + 1 and r.output_ids[k] < 0:
+                sched._retract(r)  # as if the pool had no page for its next token
+                forced.append(r)
+        return plan_decodes()
+
+    monkeypatch.setattr(sched, "_plan_decodes", retract_when_stop_is_in_flight)
+    done = _run(llm)
+    assert forced, "the request was never retracted with its stop token in flight"
+    assert forced[0].row < 0 and forced[0] not in sched.waiting
+    assert done[rid].token_ids == ref[: k + 1] and done[rid].finish_reason == "stop"
     assert_idle(llm)

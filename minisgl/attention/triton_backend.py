@@ -12,6 +12,7 @@ import torch
 
 from minisgl.attention.base import AttentionBackend, ForwardBatch
 from minisgl.kernels import attention as kernels
+from minisgl.transfer import to_device
 
 
 class TritonAttention(AttentionBackend):
@@ -52,7 +53,7 @@ class TritonAttention(AttentionBackend):
         else:
             block_m = kernels.extend_config(head_dim, batch.k_caches[0].dtype).block_m
             blocks = kernels.extend_blocks(batch.extend_lens_cpu, batch.seq_lens_cpu, block_m)
-            self._blocks = torch.tensor(blocks, dtype=torch.int32).to(device, non_blocking=True)
+            self._blocks = to_device(blocks, torch.int32, device)
 
     def prepare_capture(self, batch: ForwardBatch) -> None:
         """A decode graph: splits sized for the longest context this page table can hold

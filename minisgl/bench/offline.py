@@ -53,6 +53,10 @@ WORKLOADS = {
 }
 
 
+#: Phases of a run by the number of running requests at a step (first match, top down).
+PHASES = {"running>=192": 192, "running 64-191": 64, "running 16-63": 16, "running<16": 0}
+
+
 def make_requests(w: Workload, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     """(prompt token ids, output length) pairs, reproducible from the seed."""
     rng = random.Random(seed)
@@ -101,10 +105,19 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
     rids = [llm.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
     done = 0
     generated = 0
+    # Wall time by running-batch size: where the run spends its time (full batch vs tail).
+    phases = {name: [0, 0.0] for name in PHASES}
+    last = t
     while done < len(rids):
+        running = len(llm.scheduler.running)
         outs = llm.step()
+        now = time.perf_counter()
         if first_token_at is None and (outs or any(r.output_ids for r in llm.scheduler.running)):
-            first_token_at = time.perf_counter()
+            first_token_at = now
+        phase = phases[next(name for name, low in PHASES.items() if running >= low)]
+        phase[0] += 1
+        phase[1] += now - last
+        last = now
         done += len(outs)
         generated += sum(len(o.token_ids) for o in outs)
     sync(llm.runner.device)
@@ -122,6 +135,11 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
         "output_tok_s": generated / wall,
         "ttft_s": ttft,
         "decode_tok_s_batch1": (generated - 1) / (wall - ttft) if len(reqs) == 1 else None,
+        "steps": sum(n for n, _ in phases.values()),
+        "phases": {
+            name: {"steps": n, "wall_s": round(s, 3), "ms_per_step": round(1e3 * s / max(1, n), 3)}
+            for name, (n, s) in phases.items()
+        },
     }
 
 

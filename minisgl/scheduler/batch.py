@@ -8,16 +8,14 @@ from minisgl.attention.base import AttentionBackend, ForwardBatch
 from minisgl.engine.sampler import Penalties, SamplingBatch
 from minisgl.kvcache.pool import KVPool
 from minisgl.scheduler.request import Req
+from minisgl.transfer import to_device
 
 
-def to_device(
-    values: list[int] | list[float], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A 1-D tensor of `values` on `device`, copied through pinned memory on CUDA."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor | None) -> torch.Tensor:
+    """Replace placeholder ids (-1 - slot) by the tokens a previous step wrote to `future`."""
+    if future is None:
+        return ids
+    return torch.where(ids < 0, future[(-1 - ids).clamp(min=0)], ids)
 
 
 def build_forward_batch(
@@ -25,8 +23,13 @@ def build_forward_batch(
     page_table: torch.Tensor,
     pool: KVPool,
     attn: AttentionBackend,
+    future: torch.Tensor | None = None,
 ) -> ForwardBatch:
-    """A ForwardBatch computing `n` new tokens of each (req, n); pages must be in place."""
+    """A ForwardBatch computing `n` new tokens of each (req, n); pages must be in place.
+
+    Token ids not yet read back from the GPU are placeholders, resolved from `future` on the
+    device (see Scheduler: overlap scheduling).
+    """
     ps = pool.page_size
     device = page_table.device
     input_ids: list[int] = []
@@ -46,7 +49,7 @@ def build_forward_batch(
     packed = to_device(input_ids + positions + slots + rows + seq_lens + ext, torch.int64, device)
     lens = packed[3 * t + b :].to(torch.int32)
     return ForwardBatch(
-        input_ids=packed[:t],
+        input_ids=resolve_placeholders(packed[:t], future),
         positions=packed[t : 2 * t],
         out_slots=packed[2 * t : 3 * t],
         req_rows=packed[3 * t : 3 * t + b],
@@ -62,19 +65,20 @@ def build_forward_batch(
     )
 
 
-def build_sampling_batch(reqs: list[Req], vocab: int, device: torch.device) -> SamplingBatch:
+def build_sampling_batch(
+    reqs: list[Req], vocab: int, device: torch.device, future: torch.Tensor | None = None
+) -> SamplingBatch:
     """Per-row sampling tensors; penalty and ban tensors only when some request needs them."""
     params = [r.params for r in reqs]
 
     def floats(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-
-    def ints(values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+        return to_device(values, torch.float32, device)
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(r) for r in rows))
-        return ints([r + [vocab] * (width - len(r)) for r in rows])
+        flat = [t for r in rows for t in r + [vocab] * (width - len(r))]
+        ids = to_device(flat, torch.int64, device).view(len(rows), width)
+        return resolve_placeholders(ids, future)
 
     penalties = None
     if any(

@@ -40,6 +40,15 @@ class Req:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def resolved_len(self) -> int:
+        """Tokens whose ids the host knows: the newest outputs may still be placeholders (< 0)
+        for ids sampled on the GPU and not yet read back."""
+        n = len(self.output_ids)
+        while n and self.output_ids[n - 1] < 0:
+            n -= 1
+        return len(self.prompt_ids) + n
+
+    @property
     def is_decoding(self) -> bool:
         """Every known token but the newest has its KV: the next step computes one token."""
         return self.num_computed == self.seq_len - 1

@@ -11,6 +11,15 @@ Each step the scheduler
 
 Pages are free (in the allocator), cached (owned by the radix tree), or private to one
 running request; `check_invariants` verifies that they add up.
+
+Overlap scheduling: a step only launches its forward and sampling on the GPU, advances each
+request as if its token were known (the token id is a placeholder, -1 - slot, for the slot of
+`future` the sampled id is written to on the device), and then reads back the tokens of the
+step before, which ran while the CPU was planning this one. The next step's input ids are
+resolved from `future` on the GPU, so the CPU never waits for a step to end before planning
+the next. A request that stops at a token the CPU has not seen yet is already in the next
+step; that one extra token is dropped. Without overlap, each step reads back its own tokens
+at once, through the same code.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from minisgl.kvcache.radix import RadixCache
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import build_forward_batch, build_sampling_batch
 from minisgl.scheduler.request import Req, TokenEvent
+from minisgl.transfer import to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,21 @@ class SchedulerStats:
         return 1.0 - self.free_pages / self.total_pages
 
 
+@dataclass
+class _Launched:
+    """A step whose forward and sampling were queued on the device, tokens not yet read."""
+
+    plan: list[tuple[Req, int]]
+    out_index: list[int]  # per row: index of its placeholder in req.output_ids, -1 if none
+    sampled: SampleOutput  # host copies (pinned on CUDA), valid once `ready` has fired
+    ready: torch.cuda.Event | None
+
+
+def use_overlap(setting: str, device: torch.device) -> bool:
+    """auto: overlap on CUDA only (on the CPU nothing runs asynchronously to overlap with)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 class Scheduler:
     """Owns the queues, the KV pool, its pages and the prefix cache; drives the ModelRunner."""
 
@@ -98,6 +123,16 @@ class Scheduler:
             device=runner.device,
         )
         self.free_rows = list(range(cfg.max_running_requests - 1, -1, -1))
+        self.overlap = use_overlap(cfg.overlap_schedule, runner.device)
+        # Sampled ids of the last two steps, which placeholders point into (step k uses half
+        # k % 2: a placeholder is resolved on the host before its half is written again).
+        self.future = (
+            torch.zeros(2 * cfg.max_running_requests, dtype=torch.int64, device=runner.device)
+            if self.overlap
+            else None
+        )
+        self._steps = 0
+        self._in_flight: _Launched | None = None
         if runner.device.type == "cuda" and not cfg.disable_cuda_graph:
             runner.capture_decode_graphs(
                 self.page_table,
@@ -115,13 +150,15 @@ class Scheduler:
         self._prompt_tokens = self._cached_tokens = self._computed_tokens = 0
         self._retractions = 0
         log.info(
-            "KV cache: %d pages x %d tokens = %d tokens (%.2f GiB), radix cache %s, policy %s",
+            "KV cache: %d pages x %d tokens = %d tokens (%.2f GiB), radix cache %s, policy %s, "
+            "overlap scheduling %s",
             num_pages,
             cfg.page_size,
             num_pages * cfg.page_size,
             num_pages * self._page_bytes() / 2**30,
             "off" if self.cache is None else "on",
             cfg.schedule_policy,
+            "on" if self.overlap else "off",
         )
 
     # ----- sizing -------------------------------------------------------------------------
@@ -179,17 +216,19 @@ class Scheduler:
         """Drop a request wherever it is (queued, retracted, prefilling, decoding)."""
         for req in self.waiting:
             if req.rid == rid:
+                req.finish_reason = "abort"  # a step in flight drops its token
                 self.waiting.remove(req)
                 return True
         for req in self.running:
             if req.rid == rid:
+                req.finish_reason = "abort"
                 self._release(req, cache_it=False)
                 self.running.remove(req)
                 return True
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -233,19 +272,58 @@ class Scheduler:
     # ----- one step -----------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """Run one forward over the next batch; return the tokens it produced."""
+        """Launch the next batch; return the tokens of the step that completed.
+
+        Without overlap that is this step; with it, the previous one (so the GPU already has
+        this step queued while the host reads back and post-processes the last).
+        """
+        launched = self._launch()
+        if not self.overlap:
+            return self._complete(launched) if launched else []
+        done, self._in_flight = self._in_flight, launched
+        return self._complete(done) if done else []
+
+    def _launch(self) -> _Launched | None:
+        """Plan a batch, queue its forward and sampling, and advance the requests in it."""
         plan = self._schedule()
         if not plan:
-            return []
+            return None
         self._flush_table_writes()
-        batch = build_forward_batch(plan, self.page_table, self.pool, self.runner.attn)
+        device = self.runner.device
+        batch = build_forward_batch(plan, self.page_table, self.pool, self.runner.attn, self.future)
         logits = self.runner.forward(batch)
         reqs = [r for r, _ in plan]
         sampled = self.runner.sample(
-            logits, build_sampling_batch(reqs, self.vocab_size, self.runner.device)
+            logits, build_sampling_batch(reqs, self.vocab_size, device, self.future)
         )
+        base = (self._steps % 2) * self.cfg.max_running_requests
+        self._steps += 1
+        if self.future is not None:
+            self.future[base : base + len(plan)] = sampled.token_ids
+        ready = None
+        sampled = SampleOutput(
+            to_host(sampled.token_ids),
+            *(
+                None if t is None else to_host(t)
+                for t in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
+            ),
+        )
+        if device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        out_index: list[int] = []
+        for i, (req, n) in enumerate(plan):
+            was_prefill = n > 1 or not req.is_decoding
+            req.num_computed += n
+            if was_prefill and self.cache is not None:
+                self._cache_prefix(req)
+            if req.num_computed < req.seq_len:
+                out_index.append(-1)  # a prefill chunk that is not the prompt's last
+            else:
+                out_index.append(len(req.output_ids))
+                req.output_ids.append(-1 - (base + i))
         self._computed_tokens += sum(n for _, n in plan)
-        return self._process(plan, sampled)
+        return _Launched(plan, out_index, sampled, ready)
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -269,15 +347,15 @@ class Scheduler:
     def _flush_table_writes(self) -> None:
         if not self._table_writes:
             return
+        n = len(self._table_writes)
         rows, cols, pages = zip(*self._table_writes, strict=True)
-        device = self.page_table.device
-        self.page_table[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = (
-            torch.tensor(pages, dtype=torch.int32, device=device)
-        )
+        packed = to_device([*rows, *cols, *pages], torch.int64, self.page_table.device)
+        self.page_table[packed[:n], packed[n : 2 * n]] = packed[2 * n :].to(torch.int32)
         self._table_writes.clear()
 
     def _schedule(self) -> list[tuple[Req, int]]:
         """Pick (request, number of new tokens) pairs for this step."""
+        retractions = self._retractions
         decodes = self._plan_decodes()
         plan = [(r, 1) for r in decodes]
         budget = self.cfg.chunked_prefill_size
@@ -287,7 +365,7 @@ class Scheduler:
                 n = min(remaining, budget)
                 plan.append((req, n))
                 budget -= n
-        if budget > 0:
+        if budget > 0 and self._retractions == retractions:  # none while short of pages
             plan += self._admit(budget)
         self.new_token_ratio = max(
             MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
@@ -302,7 +380,8 @@ class Scheduler:
             need: list[Req] = []
             for r in self.running:
                 seq_len = len(r.prompt_ids) + len(r.output_ids)
-                if r.num_computed == seq_len - 1:
+                # Requests whose last token is in flight wait for it to be read back.
+                if r.num_computed == seq_len - 1 and self._may_continue(r):
                     decodes.append(r)
                     if seq_len > len(r.pages) * ps:
                         need.append(r)
@@ -374,21 +453,26 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _process(self, plan: list[tuple[Req, int]], sampled: SampleOutput) -> list[TokenEvent]:
-        ids = sampled.token_ids.tolist()
-        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
-        top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+    def _may_continue(self, req: Req) -> bool:
+        """Whether another token may follow the (possibly unread) tokens the request has."""
+        return req.remaining_new_tokens > 0 and req.seq_len < self.max_model_len
+
+    def _complete(self, launched: _Launched) -> list[TokenEvent]:
+        """Read back a launched step's tokens, check stop conditions, finish requests."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        out = launched.sampled
+        ids = out.token_ids.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         events: list[TokenEvent] = []
-        for i, (req, n) in enumerate(plan):
-            was_prefill = n > 1 or not req.is_decoding
-            req.num_computed += n
-            if was_prefill and self.cache is not None:
-                self._cache_prefix(req)
-            if req.num_computed < req.seq_len:
-                continue  # a prefill chunk that is not the prompt's last
+        for i, (req, _) in enumerate(launched.plan):
+            idx = launched.out_index[i]
+            if idx < 0 or req.finish_reason is not None:
+                continue  # no token, or the request ended (stopped or aborted) meanwhile
             token = ids[i]
-            req.output_ids.append(token)
+            req.output_ids[idx] = token
             logprob = top = None
             if req.params.logprobs and lps is not None:
                 logprob = lps[i]
@@ -397,9 +481,9 @@ class Scheduler:
                 k = req.params.top_logprobs
                 top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=True))
                 req.top_logprobs.append(top)
-            if token in req.stop_ids and len(req.output_ids) >= req.params.min_new_tokens:
+            if token in req.stop_ids and idx + 1 >= req.params.min_new_tokens:
                 req.finish_reason, req.matched_stop = "stop", token
-            elif req.remaining_new_tokens <= 0 or req.seq_len >= self.max_model_len:
+            elif idx + 1 >= req.max_new_tokens or req.resolved_len >= self.max_model_len:
                 req.finish_reason = "length"
             events.append(
                 TokenEvent(
@@ -414,15 +498,21 @@ class Scheduler:
                 )
             )
             if req.finish_reason is not None:
-                self._release(req, cache_it=True)
-        if any(r.row < 0 for r, _ in plan):
-            self.running = [r for r in self.running if r.row >= 0]
+                self._retire(req)
         return events
+
+    def _retire(self, req: Req) -> None:
+        """Take a finished request out of the running batch (or the queue, if retracted)."""
+        if req.row >= 0:
+            self._release(req, cache_it=True)
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
 
     def _cache_prefix(self, req: Req) -> None:
         """Put the request's computed full pages into the radix tree and lock them for it."""
         assert self.cache is not None
-        full = req.num_computed // self.page_size
+        full = min(req.num_computed, req.resolved_len) // self.page_size
         if full <= req.shared_pages:
             return
         tree_pages, node = self.cache.insert(

@@ -41,15 +41,18 @@ def _run(path: Path, **options: Any) -> list[list[int]]:
 
 @pytest.mark.parametrize("variant", ["llama", "qwen3-qknorm", "qwen2-bias"])
 def test_float32_triton_matches_torch_exactly(checkpoints: dict[str, Path], variant: str) -> None:
-    ref = _run(checkpoints[variant], dtype="float32", attention_backend="torch")
-    for graphs in (False, True):
+    ref = _run(
+        checkpoints[variant], dtype="float32", attention_backend="torch", overlap_schedule="off"
+    )
+    for graphs, overlap in ((False, "off"), (True, "off"), (True, "on"), (False, "on")):
         got = _run(
             checkpoints[variant],
             dtype="float32",
             attention_backend="triton",
             disable_cuda_graph=not graphs,
+            overlap_schedule=overlap,
         )
-        assert got == ref, f"cuda graphs {graphs}"
+        assert got == ref, f"cuda graphs {graphs}, overlap {overlap}"
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

@@ -12,7 +12,7 @@ import torch
 
 from minisgl.attention.base import AttentionBackend, ForwardBatch
 from minisgl.kernels import attention as kernels
-from minisgl.transfer import to_device
+from minisgl.transfer import HostToDevice
 
 
 class TritonAttention(AttentionBackend):
@@ -33,6 +33,7 @@ class TritonAttention(AttentionBackend):
         self._blocks = torch.empty(0, dtype=torch.int32)
         self._mid_o: torch.Tensor | None = None
         self._mid_lse: torch.Tensor | None = None
+        self._h2d = HostToDevice()
 
     def prepare(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
@@ -53,7 +54,7 @@ class TritonAttention(AttentionBackend):
         else:
             block_m = kernels.extend_config(head_dim, batch.k_caches[0].dtype).block_m
             blocks = kernels.extend_blocks(batch.extend_lens_cpu, batch.seq_lens_cpu, block_m)
-            self._blocks = to_device(blocks, torch.int32, device)
+            self._blocks = self._h2d(blocks, torch.int32, device)
 
     def prepare_capture(self, batch: ForwardBatch) -> None:
         """A decode graph: splits sized for the longest context this page table can hold

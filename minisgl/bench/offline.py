@@ -107,6 +107,7 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
     generated = 0
     # Wall time by running-batch size: where the run spends its time (full batch vs tail).
     phases = {name: [0, 0.0] for name in PHASES}
+    slowest: list[tuple[float, int]] = []
     last = t
     while done < len(rids):
         running = len(llm.scheduler.running)
@@ -117,6 +118,7 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
         phase = phases[next(name for name, low in PHASES.items() if running >= low)]
         phase[0] += 1
         phase[1] += now - last
+        slowest.append((now - last, running))
         last = now
         done += len(outs)
         generated += sum(len(o.token_ids) for o in outs)
@@ -136,6 +138,9 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
         "ttft_s": ttft,
         "decode_tok_s_batch1": (generated - 1) / (wall - ttft) if len(reqs) == 1 else None,
         "steps": sum(n for n, _ in phases.values()),
+        "slowest_steps_ms_running": [
+            (round(1e3 * d, 2), n) for d, n in sorted(slowest, reverse=True)[:10]
+        ],
         "phases": {
             name: {"steps": n, "wall_s": round(s, 3), "ms_per_step": round(1e3 * s / max(1, n), 3)}
             for name, (n, s) in phases.items()

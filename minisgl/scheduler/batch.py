@@ -8,7 +8,7 @@ from minisgl.attention.base import AttentionBackend, ForwardBatch
 from minisgl.engine.sampler import Penalties, SamplingBatch
 from minisgl.kvcache.pool import KVPool
 from minisgl.scheduler.request import Req
-from minisgl.transfer import to_device
+from minisgl.transfer import HostToDevice
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor | None) -> torch.Tensor:
@@ -23,6 +23,7 @@ def build_forward_batch(
     page_table: torch.Tensor,
     pool: KVPool,
     attn: AttentionBackend,
+    h2d: HostToDevice,
     future: torch.Tensor | None = None,
 ) -> ForwardBatch:
     """A ForwardBatch computing `n` new tokens of each (req, n); pages must be in place.
@@ -46,7 +47,7 @@ def build_forward_batch(
     rows = [req.row for req, _ in plan]
     # One host-to-device copy for everything, then views.
     t, b = len(input_ids), len(plan)
-    packed = to_device(input_ids + positions + slots + rows + seq_lens + ext, torch.int64, device)
+    packed = h2d(input_ids + positions + slots + rows + seq_lens + ext, torch.int64, device)
     lens = packed[3 * t + b :].to(torch.int32)
     return ForwardBatch(
         input_ids=resolve_placeholders(packed[:t], future),
@@ -66,18 +67,22 @@ def build_forward_batch(
 
 
 def build_sampling_batch(
-    reqs: list[Req], vocab: int, device: torch.device, future: torch.Tensor | None = None
+    reqs: list[Req],
+    vocab: int,
+    device: torch.device,
+    h2d: HostToDevice,
+    future: torch.Tensor | None = None,
 ) -> SamplingBatch:
     """Per-row sampling tensors; penalty and ban tensors only when some request needs them."""
     params = [r.params for r in reqs]
 
     def floats(values: list[float]) -> torch.Tensor:
-        return to_device(values, torch.float32, device)
+        return h2d(values, torch.float32, device)
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(r) for r in rows))
         flat = [t for r in rows for t in r + [vocab] * (width - len(r))]
-        ids = to_device(flat, torch.int64, device).view(len(rows), width)
+        ids = h2d(flat, torch.int64, device).view(len(rows), width)
         return resolve_placeholders(ids, future)
 
     penalties = None
@@ -98,12 +103,12 @@ def build_sampling_batch(
             [sorted(r.stop_ids) if t else [] for r, t in zip(reqs, too_early, strict=True)]
         )
     b = len(reqs)
-    fl = to_device(
+    fl = h2d(
         [p.temperature for p in params] + [p.top_p for p in params] + [p.min_p for p in params],
         torch.float32,
         device,
     )
-    it = to_device(
+    it = h2d(
         [p.top_k if p.top_k > 0 else vocab for p in params]
         + [r.seed for r in reqs]
         + [len(r.output_ids) for r in reqs],

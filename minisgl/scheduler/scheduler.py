@@ -41,7 +41,7 @@ from minisgl.kvcache.radix import RadixCache
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import build_forward_batch, build_sampling_batch
 from minisgl.scheduler.request import Req, TokenEvent
-from minisgl.transfer import to_device, to_host
+from minisgl.transfer import HostToDevice, to_host
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class Scheduler:
         )
         self._steps = 0
         self._in_flight: _Launched | None = None
+        self.h2d = HostToDevice()
         if runner.device.type == "cuda" and not cfg.disable_cuda_graph:
             runner.capture_decode_graphs(
                 self.page_table,
@@ -146,7 +147,10 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # in admission order: retraction takes from the end
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
-        self._table_writes: list[tuple[int, int, int]] = []
+        # Page-table entries to write before the next forward: (row, column) -> page. A dict,
+        # so a cell written twice between flushes gets its last value (index_put_ with
+        # duplicate indices on CUDA would pick one at random).
+        self._table_writes: dict[tuple[int, int], int] = {}
         self._prompt_tokens = self._cached_tokens = self._computed_tokens = 0
         self._retractions = 0
         log.info(
@@ -290,11 +294,13 @@ class Scheduler:
             return None
         self._flush_table_writes()
         device = self.runner.device
-        batch = build_forward_batch(plan, self.page_table, self.pool, self.runner.attn, self.future)
+        batch = build_forward_batch(
+            plan, self.page_table, self.pool, self.runner.attn, self.h2d, self.future
+        )
         logits = self.runner.forward(batch)
         reqs = [r for r, _ in plan]
         sampled = self.runner.sample(
-            logits, build_sampling_batch(reqs, self.vocab_size, device, self.future)
+            logits, build_sampling_batch(reqs, self.vocab_size, device, self.h2d, self.future)
         )
         base = (self._steps % 2) * self.cfg.max_running_requests
         self._steps += 1
@@ -341,15 +347,16 @@ class Scheduler:
             self.cache.evict(short)
         pages = self.allocator.alloc(n)
         start = len(req.pages)
-        self._table_writes += [(req.row, start + i, p) for i, p in enumerate(pages)]
+        self._table_writes.update(((req.row, start + i), p) for i, p in enumerate(pages))
         req.pages += pages
 
     def _flush_table_writes(self) -> None:
         if not self._table_writes:
             return
         n = len(self._table_writes)
-        rows, cols, pages = zip(*self._table_writes, strict=True)
-        packed = to_device([*rows, *cols, *pages], torch.int64, self.page_table.device)
+        rows, cols = zip(*self._table_writes, strict=True)
+        pages = self._table_writes.values()
+        packed = self.h2d([*rows, *cols, *pages], torch.int64, self.page_table.device)
         self.page_table[packed[:n], packed[n : 2 * n]] = packed[2 * n :].to(torch.int32)
         self._table_writes.clear()
 
@@ -393,7 +400,7 @@ class Scheduler:
             if short > 0 and self.cache is not None:
                 self.cache.evict(short)
             for req, page in zip(need, self.allocator.alloc(len(need)), strict=True):
-                self._table_writes.append((req.row, len(req.pages), page))
+                self._table_writes[req.row, len(req.pages)] = page
                 req.pages.append(page)
         return decodes
 
@@ -439,7 +446,7 @@ class Scheduler:
             self.waiting.remove(req)
             req.row = self.free_rows.pop()
             req.pages, req.shared_pages, req.node = list(prefix_pages), len(prefix_pages), node
-            self._table_writes += [(req.row, i, p) for i, p in enumerate(prefix_pages)]
+            self._table_writes.update(((req.row, i), p) for i, p in enumerate(prefix_pages))
             req.num_computed = len(prefix_pages) * self.page_size
             if req.cached_tokens < 0:
                 req.cached_tokens = req.num_computed
@@ -521,7 +528,7 @@ class Scheduler:
         for i, (mine, theirs) in enumerate(zip(req.pages[:full], tree_pages, strict=True)):
             if mine != theirs:  # someone cached this part first: use theirs (ours were freed)
                 req.pages[i] = theirs
-                self._table_writes.append((req.row, i, theirs))
+                self._table_writes[req.row, i] = theirs
         self.cache.lock(node)
         if req.node is not None:
             self.cache.unlock(req.node)

@@ -73,3 +73,38 @@ def test_launching_a_step_never_synchronizes(checkpoints: dict[str, Path]) -> No
     want = _run(sync, guard=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_overlap_matches_sync_under_memory_pressure(
+    checkpoints: dict[str, Path], page_size: int
+) -> None:
+    """W3-like lengths (prompts and outputs from 1 token) in a pool that forces queueing and
+    retraction: overlap scheduling with graphs gives exactly the synchronous tokens."""
+    rng = random.Random(2)
+    reqs = [
+        ([rng.randrange(3, 2000) for _ in range(rng.randint(1, 300))], rng.randint(1, 150))
+        for _ in range(150)
+    ]
+    prompts = [p for p, _ in reqs]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for _, n in reqs]
+    results = {}
+    for mode in ("off", "on"):
+        llm = LLM(
+            str(checkpoints["llama"]),
+            device="cuda",
+            dtype="float32",
+            progress=False,
+            overlap_schedule=mode,
+            page_size=page_size,
+            num_pages=640 // page_size,
+            max_running_requests=32,
+            chunked_prefill_size=256,
+        )
+        outs = llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        assert llm.scheduler.stats().retractions > 0
+        llm.scheduler.check_invariants()
+        results[mode] = [o.token_ids for o in outs]
+    assert [len(t) for t in results["on"]] == [n for _, n in reqs]
+    assert results["on"] == results["off"]

@@ -2,9 +2,10 @@
 
 import json
 import sys
+from pathlib import Path
 
 for path in sys.argv[1:]:
-    r = json.load(open(path))
+    r = json.loads(Path(path).read_text())
     m = r["minisgl"]
     line = (
         f"{path}: {r['device']} {r['model']} {r['workload']['name']} "

@@ -36,7 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--attention-backend",
         default="auto",
-        help="auto (triton on CUDA, torch on CPU) | torch | triton",
+        choices=["auto", "torch", "triton", "flashinfer", "fa3"],
+        help="auto: our Triton kernels on CUDA, torch on CPU. flashinfer / fa3 need those "
+        "libraries installed, are used only when named and have not been run on a GPU yet",
     )
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     g.add_argument(

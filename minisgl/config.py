@@ -19,7 +19,7 @@ class EngineConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     attention_backend: str = "auto"
-    """auto (triton on CUDA, torch on CPU) | torch | triton."""
+    """auto (triton on CUDA, torch on CPU) | torch | triton | flashinfer | fa3 (optional)."""
     page_size: int = 16
     """Tokens per KV-cache page."""
     num_pages: int | None = None

@@ -38,9 +38,13 @@ GREEDY: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True}
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(tmp_path_factory.mktemp("server"), "--max-model-len", str(MAX_MODEL_LEN)) as s:
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "overlap"])
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    """The demo server, with and without overlap scheduling (in the scheduler process)."""
+    flags = ("--max-model-len", str(MAX_MODEL_LEN), "--overlap-schedule", request.param)
+    with run_server(tmp_path_factory.mktemp("server"), *flags) as s:
         yield s
 
 
@@ -611,3 +615,10 @@ def test_no_socket_leftovers_in_tmpdir_while_running(server: Server) -> None:
         "scheduler",
         "frontend",
     }
+
+
+def test_scheduler_runs_in_the_requested_overlap_mode(
+    server: Server, request: pytest.FixtureRequest
+) -> None:
+    mode = request.node.callspec.params["server"]
+    assert f"overlap scheduling {mode}" in server.log()

@@ -1,4 +1,4 @@
-"""The `minisgl` command: serve over gRPC, generate text offline, list presets."""
+"""The `minisgl` command: serve over gRPC, generate text offline, chat, list presets."""
 
 from __future__ import annotations
 
@@ -144,6 +144,54 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from minisgl.llm import LLM
+    from minisgl.sampling_params import SamplingParams
+
+    llm = LLM(args.model, **engine_options(args))
+    if llm.tokenizer is None:
+        print(f"{llm.model_name} has no tokenizer: nothing to chat with", file=sys.stderr)
+        return 2
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.sampling_seed,
+    )
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print(f"Chatting with {llm.model_name}. /reset starts over, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = list(system)
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        reply: list[str] = []
+        try:
+            for piece in llm.stream(messages, params):
+                print(piece, end="", flush=True)
+                reply.append(piece)
+        except ValueError as e:  # e.g. the conversation outgrew the context length
+            print(f"error: {e}; try /reset", file=sys.stderr)
+            messages.pop()
+            continue
+        except KeyboardInterrupt:
+            print("\n(interrupted)", end="")
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
 def _serve(args: argparse.Namespace) -> int:
     from minisgl.server.config import ServerConfig
     from minisgl.server.launcher import serve
@@ -188,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+    chat = sub.add_parser(
+        "chat", parents=[common], help="chat with the model in the terminal (offline engine)"
+    )
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, tokens")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    chat.add_argument("--top-k", type=int, default=-1, help="-1 = off")
+    chat.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
+    add_engine_args(chat)
+    chat.set_defaults(func=_chat)
     srv = sub.add_parser(
         "serve", parents=[common], help="serve the model over gRPC (Generate, StreamGenerate, ...)"
     )

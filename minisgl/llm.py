@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ class _Pending:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
     cached_tokens: int = 0
+    chunks: list[str] | None = None  # text not yet taken by stream(); None when not streamed
 
 
 class LLM:
@@ -67,14 +68,19 @@ class LLM:
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
-        """Queue one prompt; returns its request id. Raises ValueError for invalid input."""
+    def submit(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, stream: bool = False
+    ) -> str:
+        """Queue one prompt; returns its request id. Raises ValueError for invalid input.
+
+        stream: decode text as tokens arrive (see `stream`), not once at the end.
+        """
         params = params or SamplingParams()
         ids = encode_prompt(self.tokenizer, prompt)
         rid = f"req-{next(self._ids)}"
         self.scheduler.add_request(rid, ids, params)
         detok = None
-        if self.tokenizer is not None and params.stop:
+        if self.tokenizer is not None and (params.stop or stream):
             # Stop strings need the text as it grows; otherwise it is decoded once at the end.
             detok = IncrementalDetokenizer(
                 self.tokenizer,
@@ -83,8 +89,31 @@ class LLM:
                 params.skip_special_tokens,
                 params.min_new_tokens,
             )
-        self._pending[rid] = _Pending(ids, params, detok, [], [], [])
+        self._pending[rid] = _Pending(ids, params, detok, [], [], [], chunks=[] if stream else None)
         return rid
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Generate for one prompt, yielding its text piece by piece as it is decoded.
+
+        Runs the engine until the request ends, so nothing else may be in flight; closing the
+        iterator early aborts the request.
+        """
+        if self.tokenizer is None:
+            raise ValueError("stream: this model has no tokenizer")
+        if self._pending:
+            raise RuntimeError("stream: other requests are unfinished; finish them first")
+        rid = self.submit(prompt, params, stream=True)
+        pending = self._pending[rid]
+        assert pending.chunks is not None
+        try:
+            while rid in self._pending:
+                self.step()
+                if pending.chunks:
+                    yield "".join(pending.chunks)
+                    pending.chunks.clear()
+        finally:
+            if rid in self._pending:
+                self.abort(rid)
 
     def abort(self, rid: str) -> RequestOutput | None:
         """Stop a request; returns what it had produced, or None if it was unknown."""
@@ -144,7 +173,9 @@ class LLM:
         if ev.top_logprobs is not None:
             pending.top_logprobs.append(ev.top_logprobs)
         if pending.detok is not None:
-            pending.detok.add([ev.token_id])
+            text = pending.detok.add([ev.token_id])
+            if pending.chunks is not None and text:
+                pending.chunks.append(text)
             if pending.detok.matched_stop is not None and ev.finish_reason is None:
                 self.scheduler.abort(ev.rid)
                 return self._finish(ev.rid, "stop", pending.detok.matched_stop)
@@ -156,7 +187,9 @@ class LLM:
         p = self._pending.pop(rid)
         text = None
         if p.detok is not None:
-            p.detok.flush()
+            tail = p.detok.flush()
+            if p.chunks is not None and tail:
+                p.chunks.append(tail)
             text = p.detok.text
             if p.detok.matched_stop is not None:
                 reason, matched = "stop", p.detok.matched_stop

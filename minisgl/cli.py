@@ -1,4 +1,4 @@
-"""The `minisgl` command: serve over gRPC, generate text offline, chat, list presets."""
+"""The `minisgl` command: serve over gRPC, an OpenAI HTTP gateway, generate offline, chat."""
 
 from __future__ import annotations
 
@@ -209,6 +209,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(cfg, scfg)
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from minisgl.gateway import run_gateway
+
+    return run_gateway(args.target, args.host, args.port)
+
+
 def _presets(_: argparse.Namespace) -> int:
     from minisgl.models.source import preset_names
 
@@ -275,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
+    gw = sub.add_parser(
+        "gateway",
+        parents=[common],
+        help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) for a server",
+    )
+    gw.add_argument("--target", default="127.0.0.1:50051", help="the gRPC server, host:port")
+    gw.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    gw.add_argument("--port", type=int, default=8000, help="port to listen on")
+    gw.set_defaults(func=_gateway)
     pre = sub.add_parser(
         "presets", parents=[common], help="list the model configs usable with --dummy-weights"
     )

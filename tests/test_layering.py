@@ -1,4 +1,5 @@
-"""Import-level promises: the gRPC frontend never imports torch, the CPU path never triton."""
+"""Import-level promises: the gRPC frontend and the HTTP gateway never import torch, the CPU
+path never triton."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def _imported_after(statement: str, modules: tuple[str, ...]) -> list[str]:
 def test_frontend_process_modules_do_not_import_torch() -> None:
     statement = (
         "import minisgl, minisgl.cli, minisgl.server.launcher, minisgl.server.frontend; "
+        "import minisgl.gateway; minisgl.gateway.build_app('127.0.0.1:1'); "
         "minisgl.cli.build_parser()"
     )
     assert _imported_after(statement, ("torch", "transformers")) == []

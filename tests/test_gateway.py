@@ -1,0 +1,231 @@
+"""The OpenAI-compatible gateway: a real server, a real gateway process, raw HTTP and the
+official `openai` client, compared with the gRPC API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.server_util import REPO, Server, free_port, run_server, wait_idle, wait_until
+
+from minisgl_client import Client  # isort: skip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("gw-server"), "--max-model-len", "256") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "minisgl.cli", "gateway", "--target", server.target]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _status(url + "/health") == 200, 60, f"the gateway ({log})")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return None
+
+
+def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read()
+
+
+def _events(raw: bytes) -> list[Any]:
+    """The data payloads of a server-sent event stream ("[DONE]" kept as a string)."""
+    lines = raw.decode().split("\n\n")
+    assert lines[-1] == "", "the stream must end with a blank line"
+    out = []
+    for event in lines[:-1]:
+        assert event.startswith("data: "), event
+        payload = event.removeprefix("data: ")
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+@pytest.fixture()
+def grpc_client(server: Server) -> Iterator[Client]:
+    with server.client() as c:
+        yield c
+
+
+def test_completion_matches_grpc_generate(gateway: str, grpc_client: Client) -> None:
+    status, raw = _post(
+        gateway + "/v1/completions",
+        {"model": "minisgl-demo", "prompt": "Hello there", "max_tokens": 9, "temperature": 0},
+    )
+    assert status == 200, raw
+    body = json.loads(raw)
+    want = grpc_client.generate("Hello there", max_new_tokens=9, temperature=0.0)
+    assert body["object"] == "text_completion" and body["model"] == "minisgl-demo"
+    (choice,) = body["choices"]
+    assert choice["text"] == want.text and choice["finish_reason"] == want.finish_reason
+    assert body["usage"] == {
+        "prompt_tokens": want.prompt_tokens,
+        "completion_tokens": want.completion_tokens,
+        "total_tokens": want.prompt_tokens + want.completion_tokens,
+        "prompt_tokens_details": {
+            "cached_tokens": body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        },
+    }
+
+
+def test_token_id_prompt_and_default_max_tokens(gateway: str, grpc_client: Client) -> None:
+    status, raw = _post(gateway + "/v1/completions", {"prompt": [5, 6, 7], "temperature": 0})
+    assert status == 200, raw
+    body = json.loads(raw)
+    want = grpc_client.generate([5, 6, 7], max_new_tokens=16, temperature=0.0)
+    assert body["choices"][0]["text"] == want.text
+    assert body["usage"]["completion_tokens"] == want.completion_tokens <= 16
+
+
+def test_streamed_completion_equals_unary_and_ends_with_done(gateway: str) -> None:
+    request = {"prompt": "Once upon", "max_tokens": 20, "temperature": 0.9, "seed": 5}
+    _, unary = _post(gateway + "/v1/completions", request)
+    status, raw = _post(
+        gateway + "/v1/completions",
+        {**request, "stream": True, "stream_options": {"include_usage": True}},
+        {"x-request-id": "stream-me"},
+    )
+    assert status == 200
+    events = _events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["id"] == "stream-me" and c["object"] == "text_completion" for c in chunks)
+    text_chunks = [c for c in chunks if c["choices"]]
+    finishes = [c["choices"][0]["finish_reason"] for c in text_chunks]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    streamed = "".join(c["choices"][0]["text"] for c in text_chunks)
+    assert streamed == json.loads(unary)["choices"][0]["text"]
+    assert len(text_chunks) > 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_chat_through_the_openai_client(gateway: str, grpc_client: Client) -> None:
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    options: dict[str, Any] = {"max_tokens": 12, "temperature": 1.0, "seed": 11}
+    unary = client.chat.completions.create(model="minisgl-demo", messages=messages, **options)
+    want = grpc_client.generate(messages, max_new_tokens=12, temperature=1.0, seed=11)
+    assert unary.choices[0].message.role == "assistant"
+    assert unary.choices[0].message.content == want.text
+    assert unary.choices[0].finish_reason == want.finish_reason
+    assert unary.usage is not None and unary.usage.completion_tokens == want.completion_tokens
+    stream = client.chat.completions.create(
+        model="minisgl-demo", messages=messages, stream=True, **options
+    )
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == want.text
+    parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]
+    with_parts = client.chat.completions.create(
+        model="minisgl-demo",
+        messages=[messages[0], {"role": "user", "content": parts}],  # type: ignore[list-item]
+        **options,
+    )
+    assert with_parts.choices[0].message.content == want.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "x", "n": 2}, 400, "n = 1"),
+        ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+        ({"max_tokens": 3}, 400, "prompt"),
+        ({"prompt": ["a", "b"]}, 400, "prompt"),
+        ({"prompt": "x" * 3000}, 400, "context"),
+    ],
+)
+def test_bad_requests_get_openai_error_objects(
+    gateway: str, body: Any, status: int, needle: str
+) -> None:
+    got, raw = _post(gateway + "/v1/completions", body)
+    assert got == status, raw
+    err = json.loads(raw)["error"]
+    assert needle in err["message"] and err["code"] == status
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_bad_chat_messages_and_the_openai_clients_error(gateway: str) -> None:
+    got, raw = _post(gateway + "/v1/chat/completions", {"messages": []})
+    assert got == 400 and "messages" in json.loads(raw)["error"]["message"]
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    got, raw = _post(
+        gateway + "/v1/chat/completions", {"messages": [{"role": "user", "content": image}]}
+    )
+    assert got == 400 and "text parts" in json.loads(raw)["error"]["message"]
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="minisgl-demo", prompt="x", temperature=-2)
+
+
+def test_models_and_health(gateway: str) -> None:
+    with urllib.request.urlopen(gateway + "/v1/models", timeout=10) as r:
+        models = json.loads(r.read())
+    assert [m["id"] for m in models["data"]] == ["minisgl-demo"]
+    assert models["data"][0]["max_model_len"] == 256
+    assert _status(gateway + "/health") == 200
+    assert _status(gateway + "/v1/nothing") == 404
+
+
+def test_client_disconnect_mid_stream_aborts_the_request(
+    gateway: str, server: Server, grpc_client: Client
+) -> None:
+    import http.client
+
+    host, port = gateway.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"prompt": "go on", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"x-request-id": "hang-up"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")
+    conn.close()  # hang up mid-stream
+    wait_until(lambda: "aborting hang-up" in server.log(), 15, "the abort in the server log")
+    wait_idle(grpc_client)
+    time.sleep(0.1)
+    assert grpc_client.load().inflight_requests == 0

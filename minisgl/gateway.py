@@ -158,7 +158,7 @@ def _usage(usage: common_pb2.Usage) -> dict[str, Any]:
 
 
 class Gateway:
-    """The HTTP handlers, over one gRPC channel to the server."""
+    """The gRPC side: one channel to the server, requests built from OpenAI bodies."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -184,15 +184,25 @@ class Gateway:
             )
         return served
 
-    def request(self, body: dict[str, Any], prompt: common_pb2.Prompt, rid: str) -> dict[str, Any]:
-        opts = _options(body, default_max_tokens=16 if body.get("prompt") is not None else None)
-        return {
-            "prompt": prompt,
-            "sampling": common_pb2.SamplingOptions(**opts["sampling"]),
-            "stopping": common_pb2.StoppingOptions(**opts["stopping"]),
-            "output": common_pb2.OutputOptions(**opts["output"]),
-            "request_id": rid,
-        }
+    def request(
+        self,
+        body: dict[str, Any],
+        prompt: common_pb2.Prompt,
+        rid: str,
+        default_max_tokens: int | None,
+    ) -> dict[str, Any]:
+        """GenerateRequest fields; wrong types (a string top_k, a negative seed) are a 400."""
+        opts = _options(body, default_max_tokens)
+        try:
+            return {
+                "prompt": prompt,
+                "sampling": common_pb2.SamplingOptions(**opts["sampling"]),
+                "stopping": common_pb2.StoppingOptions(**opts["stopping"]),
+                "output": common_pb2.OutputOptions(**opts["output"]),
+                "request_id": rid,
+            }
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"invalid option: {e}") from e
 
     async def generate(self, fields: dict[str, Any]) -> generation_pb2.GenerateResponse:
         return await self.generation.Generate(generation_pb2.GenerateRequest(**fields))
@@ -250,7 +260,8 @@ def build_app(target: str) -> Any:
         prompt = _chat_prompt(body) if chat else _completion_prompt(body)
         prefix = "chatcmpl" if chat else "cmpl"
         rid = request.headers.get("x-request-id") or f"{prefix}-{secrets.token_hex(12)}"
-        fields = gw.request(body, prompt, rid)
+        # OpenAI's completions default to 16 tokens; chat replies run to the server's default.
+        fields = gw.request(body, prompt, rid, default_max_tokens=None if chat else 16)
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
@@ -308,17 +319,22 @@ def build_app(target: str) -> Any:
         if chat:
             role = {"role": "assistant", "content": ""}
             await send([{"index": 0, "delta": role, "finish_reason": None}])
-        while msg is not grpc.aio.EOF:  # type: ignore[attr-defined]
-            finish = _FINISH.get(msg.finish.reason) if msg.HasField("finish") else None
-            if msg.text or finish:
-                if chat:
-                    piece: dict[str, Any] = {"delta": {"content": msg.text} if msg.text else {}}
-                else:
-                    piece = {"text": msg.text, "logprobs": None}
-                await send([{"index": 0, **piece, "finish_reason": finish}])
-            if include_usage and msg.HasField("usage"):
-                await send([], _usage(msg.usage))
-            msg = await call.read()
+        try:
+            while msg is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                finish = _FINISH.get(msg.finish.reason) if msg.HasField("finish") else None
+                if msg.text or finish:
+                    if chat:
+                        piece: dict[str, Any] = {"delta": {"content": msg.text} if msg.text else {}}
+                    else:
+                        piece = {"text": msg.text, "logprobs": None}
+                    await send([{"index": 0, **piece, "finish_reason": finish}])
+                if include_usage and msg.HasField("usage"):
+                    await send([], _usage(msg.usage))
+                msg = await call.read()
+        except grpc.aio.AioRpcError as e:  # after the headers: report it in the stream
+            status, kind = _STATUS.get(e.code(), (500, "internal_error"))
+            err = {"message": e.details() or e.code().name, "type": kind, "code": status}
+            await resp.write(f"data: {json.dumps({'error': err})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

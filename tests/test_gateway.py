@@ -3,14 +3,18 @@ official `openai` client, compared with the gRPC API."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -29,10 +33,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
 
 
-@pytest.fixture(scope="module")
-def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def run_gateway(server: Server, workdir: Path) -> Iterator[str]:
+    """`minisgl gateway` in front of `server` on a free port; yields its base URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    log = workdir / "gateway.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "minisgl.cli", "gateway", "--target", server.target]
     with log.open("w") as out:
@@ -46,6 +51,12 @@ def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def gateway(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with run_gateway(server, tmp_path_factory.mktemp("gateway")) as url:
+        yield url
 
 
 def _status(url: str) -> int | None:
@@ -174,6 +185,9 @@ def test_chat_through_the_openai_client(gateway: str, grpc_client: Client) -> No
         ({"prompt": "x", "n": 2}, 400, "n = 1"),
         ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
         ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "top_k": "5"}, 400, "top_k"),
+        ({"prompt": "x", "seed": -1}, 400, "invalid option"),
+        ({"prompt": "x", "ignore_eos": "yes"}, 400, "invalid option"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
         ({"max_tokens": 3}, 400, "prompt"),
         ({"prompt": ["a", "b"]}, 400, "prompt"),
@@ -215,8 +229,6 @@ def test_models_and_health(gateway: str) -> None:
 def test_client_disconnect_mid_stream_aborts_the_request(
     gateway: str, server: Server, grpc_client: Client
 ) -> None:
-    import http.client
-
     host, port = gateway.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     body = {"prompt": "go on", "max_tokens": 240, "ignore_eos": True, "stream": True}
@@ -229,3 +241,24 @@ def test_client_disconnect_mid_stream_aborts_the_request(
     wait_idle(grpc_client)
     time.sleep(0.1)
     assert grpc_client.load().inflight_requests == 0
+
+
+def test_a_server_failure_mid_stream_ends_the_stream_with_an_error_event(
+    tmp_path: Path,
+) -> None:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(run_server(tmp_path / "server", "--max-model-len", "512"))
+        url = stack.enter_context(run_gateway(server, tmp_path))
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = {"prompt": "go", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body))
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        os.kill(server.worker_pids()["scheduler"], signal.SIGKILL)
+        rest = resp.read()  # the stream must end, not hang
+        conn.close()
+    events = [line for line in rest.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == 500 and error["type"] == "internal_error"

@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Any
 
 from minisgl.config import EngineConfig
+from minisgl.sampling_params import SamplingParams
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -110,12 +111,24 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from minisgl.llm import LLM
-    from minisgl.sampling_params import SamplingParams
+def add_sampling_args(
+    parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
+    """Sampling flags shared by `generate` and `chat` (with their own defaults)."""
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate"
+    )
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=-1, help="-1 = off")
+    parser.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
 
-    llm = LLM(args.model, **engine_options(args))
-    params = SamplingParams(
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from the flags of add_sampling_args."""
+    return SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -124,6 +137,13 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         stop=args.stop or [],
     )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from minisgl.llm import LLM
+
+    llm = LLM(args.model, **engine_options(args))
+    params = sampling_params(args)
     prompts: list[Any] = (
         [[{"role": "user", "content": p}] for p in args.prompts] if args.chat else args.prompts
     )
@@ -146,19 +166,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from minisgl.llm import LLM
-    from minisgl.sampling_params import SamplingParams
 
     llm = LLM(args.model, **engine_options(args))
     if llm.tokenizer is None:
         print(f"{llm.model_name} has no tokenizer: nothing to chat with", file=sys.stderr)
         return 2
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.sampling_seed,
-    )
+    params = sampling_params(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print(f"Chatting with {llm.model_name}. /reset starts over, /exit (or Ctrl-D) quits.")
@@ -232,13 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompts", nargs="+", help="prompt texts")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    gen.add_argument("--top-k", type=int, default=-1, help="-1 = off")
-    gen.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_sampling_args(gen, max_new_tokens=32, temperature=0.0, top_p=1.0)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
@@ -246,11 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "chat", parents=[common], help="chat with the model in the terminal (offline engine)"
     )
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, tokens")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    chat.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    chat.add_argument("--top-k", type=int, default=-1, help="-1 = off")
-    chat.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
+    add_sampling_args(chat, max_new_tokens=256, temperature=0.7, top_p=0.95)
     add_engine_args(chat)
     chat.set_defaults(func=_chat)
     srv = sub.add_parser(

@@ -73,3 +73,13 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
+
+    @staticmethod
+    def store_kv(
+        k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' K/V into their pool slots; returns the layer's (K, V) cache."""
+        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
+        k_cache[batch.out_slots] = k
+        v_cache[batch.out_slots] = v
+        return k_cache, v_cache

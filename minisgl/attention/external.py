@@ -110,9 +110,7 @@ class FlashInferAttention(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
-        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
-        k_cache[batch.out_slots] = k
-        v_cache[batch.out_slots] = v
+        k_cache, v_cache = self.store_kv(k, v, layer, batch)
         if self._planned_for is None:
             self._plan(q, batch)
         kv = (_paged(k_cache, batch.page_size), _paged(v_cache, batch.page_size))
@@ -145,9 +143,7 @@ class FlashAttention3(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
-        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
-        k_cache[batch.out_slots] = k
-        v_cache[batch.out_slots] = v
+        k_cache, v_cache = self.store_kv(k, v, layer, batch)
         out: torch.Tensor = self._attn(
             q,
             _paged(k_cache, batch.page_size),

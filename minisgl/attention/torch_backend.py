@@ -45,9 +45,7 @@ class TorchAttention(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
-        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
-        k_cache[batch.out_slots] = k
-        v_cache[batch.out_slots] = v
+        k_cache, v_cache = self.store_kv(k, v, layer, batch)
         bsz, max_ext = self._mask.shape[0], self._mask.shape[2]
         num_heads, head_dim = q.shape[1], q.shape[2]
         q_pad = q.new_zeros(bsz * max_ext, num_heads, head_dim)

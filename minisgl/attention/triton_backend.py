@@ -76,9 +76,7 @@ class TritonAttention(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
-        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
-        k_cache[batch.out_slots] = k
-        v_cache[batch.out_slots] = v
+        k_cache, v_cache = self.store_kv(k, v, layer, batch)
         out = self._empty(q.shape, q.dtype, q.device)
         if self._decode:
             if self.num_splits > 1 and self._mid_o is None:

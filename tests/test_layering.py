@@ -30,3 +30,15 @@ def test_cpu_engine_does_not_import_triton() -> None:
         "LLM(progress=False, num_pages=64).generate('hi', SamplingParams(max_new_tokens=2))"
     )
     assert _imported_after(statement, ("triton", "torch")) == ["torch"]
+
+
+def test_collecting_the_gpu_tests_does_not_build_the_kernels() -> None:
+    """Kernel modules imported at collection would be compiled-mode for the whole session and
+    break the CPU interpreter tests (they set TRITON_INTERPRET when they are imported)."""
+    statement = (
+        "import pkgutil, importlib, tests.gpu; "
+        "[importlib.import_module('tests.gpu.' + m.name) "
+        "for m in pkgutil.iter_modules(tests.gpu.__path__)]"
+    )
+    kernels = ("minisgl.kernels.attention", "minisgl.kernels.fused", "minisgl.kernels.sampling")
+    assert _imported_after(statement, kernels) == []

@@ -15,7 +15,6 @@ import random
 import pytest
 import torch
 
-from minisgl.attention.triton_backend import TritonAttention
 from tests.gpu import TOLERANCE, make_case, reference, run_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -41,6 +40,10 @@ def w3_like_step(rng: random.Random) -> tuple[list[int], list[int]]:
 
 def test_many_w3_like_steps() -> None:
     assert torch.cuda.is_available(), "the gpu tests need a CUDA GPU"
+    # Imported here, not at collection: importing the kernels before the CPU interpreter tests
+    # set TRITON_INTERPRET would build them compiled for the whole session.
+    from minisgl.attention.triton_backend import TritonAttention
+
     rng = random.Random(0)
     backend = TritonAttention(128**-0.5)
     dtype = torch.bfloat16

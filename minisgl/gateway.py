@@ -44,20 +44,20 @@ _STATUS = {
 }
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "functions", "best_of", "suffix")
-_SAMPLING = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "seed": "seed",
-}
+_SAMPLING = (  # OpenAI / vLLM names that are also SamplingOptions fields
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
 
 
 class BadRequest(Exception):
-    """A request the gateway refuses before calling the server (HTTP status, error type)."""
+    """A request the gateway refuses without calling the server (400, or 404 for the model)."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
@@ -79,13 +79,13 @@ def _options(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, 
     for key in _UNSUPPORTED:
         if body.get(key) not in (None, False):
             raise BadRequest(f"{key}: not supported by this gateway yet", key)
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise BadRequest("n: only n = 1 is supported", "n")
     sampling = {}
-    for key, field in _SAMPLING.items():
+    for key in _SAMPLING:
         value = _number(body, key)
         if value is not None:
-            sampling[field] = value
+            sampling[key] = value
     stopping: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max_tokens))
     if max_tokens is not None:

@@ -119,7 +119,8 @@ def test_completion_matches_grpc_generate(gateway: str, grpc_client: Client) -> 
 
 
 def test_token_id_prompt_and_default_max_tokens(gateway: str, grpc_client: Client) -> None:
-    status, raw = _post(gateway + "/v1/completions", {"prompt": [5, 6, 7], "temperature": 0})
+    body = {"prompt": [5, 6, 7], "temperature": 0, "n": None}  # null: the default
+    status, raw = _post(gateway + "/v1/completions", body)
     assert status == 200, raw
     body = json.loads(raw)
     want = grpc_client.generate([5, 6, 7], max_new_tokens=16, temperature=0.0)

@@ -263,3 +263,29 @@ def test_a_server_failure_mid_stream_ends_the_stream_with_an_error_event(
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == 500 and error["type"] == "internal_error"
+
+
+def test_concurrent_streams_each_match_their_unary_reply(gateway: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def request(i: int, stream: bool) -> str:
+        body = {
+            "messages": [{"role": "user", "content": f"Question {i}: " + "why? " * (i % 5)}],
+            "max_tokens": 10 + i % 7,
+            "temperature": 0.8,
+            "seed": 100 + i,
+            "stream": stream,
+        }
+        status, raw = _post(gateway + "/v1/chat/completions", body)
+        assert status == 200, raw
+        if not stream:
+            return str(json.loads(raw)["choices"][0]["message"]["content"])
+        chunks = [e for e in _events(raw) if e != "[DONE]" and e["choices"]]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+    n = 24
+    with ThreadPoolExecutor(n) as pool:
+        streamed = list(pool.map(lambda i: request(i, True), range(n)))
+    unary = [request(i, False) for i in range(n)]
+    assert streamed == unary
+    assert len(set(unary)) > n // 2, "seeds should make the replies differ"

@@ -178,7 +178,7 @@ def _chat(args: argparse.Namespace) -> int:
     while True:
         try:
             line = input(">>> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: quit
             print()
             return 0
         if line in ("/exit", "/quit"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,22 @@ def test_chat_ends_at_end_of_input() -> None:
     proc = _chat("hi\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(">>> ") == 2
+
+
+def test_ctrl_c_at_the_prompt_quits_cleanly() -> None:
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "minisgl.cli", "chat", "--no-progress", "--log-level", "WARNING"]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        cwd=ROOT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    banner = proc.stdout.readline()  # the engine is up once the banner is out
+    assert "Chatting with" in banner
+    time.sleep(0.5)  # let it reach input()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

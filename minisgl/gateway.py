@@ -161,7 +161,6 @@ class Gateway:
     """The gRPC side: one channel to the server, requests built from OpenAI bodies."""
 
     def __init__(self, target: str) -> None:
-        self.target = target
         self.channel = grpc.aio.insecure_channel(target)
         self.generation = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self.models = model_pb2_grpc.ModelServiceStub(self.channel)

@@ -67,7 +67,7 @@ class FlashInferAttention(AttentionBackend):
         self._wrappers: dict[str, Any] = {}
         self._csr: PagedCSR | None = None
         self._decode = False
-        self._planned_for: torch.dtype | None = None
+        self._planned = False
 
     def _wrapper(self, kind: str, device: torch.device) -> Any:
         import flashinfer
@@ -85,7 +85,7 @@ class FlashInferAttention(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         self._csr = PagedCSR(batch, self._h2d)
         self._decode = batch.is_decode
-        self._planned_for = None  # plan at layer 0, when the query heads are known
+        self._planned = False  # plan at layer 0, when the query heads are known
 
     def _plan(self, q: torch.Tensor, batch: ForwardBatch) -> None:
         csr = self._csr
@@ -105,13 +105,13 @@ class FlashInferAttention(AttentionBackend):
                 q.shape[1], num_kv_heads, head_dim, batch.page_size,
                 causal=True, sm_scale=self.scale, **common,
             )  # fmt: skip
-        self._planned_for = q.dtype
+        self._planned = True
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
         k_cache, v_cache = self.store_kv(k, v, layer, batch)
-        if self._planned_for is None:
+        if not self._planned:
             self._plan(q, batch)
         kv = (_paged(k_cache, batch.page_size), _paged(v_cache, batch.page_size))
         wrapper = self._wrapper("decode" if self._decode else "prefill", q.device)

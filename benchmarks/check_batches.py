@@ -47,9 +47,32 @@ def main() -> None:
     ap.add_argument("--workload", default="W3", choices=sorted(WORKLOADS))
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--overlap-schedule", default="auto")
+    ap.add_argument("--mem-fraction", type=float, default=None, help="KV pool sizing")
+    ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument(
+        "--extend-stages", type=int, default=None, help="override the extend kernel's num_stages"
+    )
     args = ap.parse_args()
+    if args.extend_stages is not None:
+        from minisgl.kernels import attention as kernels
+
+        base = kernels.extend_config
+
+        def staged(head_dim: int, dtype: torch.dtype) -> kernels.ExtendConfig:
+            c = base(head_dim, dtype)
+            return kernels.ExtendConfig(c.block_m, c.block_n, c.num_warps, args.extend_stages)
+
+        kernels.extend_config = staged  # type: ignore[assignment]
+    opts: dict[str, Any] = {}
+    if args.mem_fraction is not None:
+        opts["mem_fraction"] = args.mem_fraction
     llm = LLM(
-        args.model, dummy_weights=True, progress=False, overlap_schedule=args.overlap_schedule
+        args.model,
+        dummy_weights=True,
+        progress=False,
+        overlap_schedule=args.overlap_schedule,
+        disable_cuda_graph=args.disable_cuda_graph,
+        **opts,
     )
     sched, runner = llm.scheduler, llm.runner
     vocab = runner.model_config.vocab_size
@@ -77,6 +100,8 @@ def main() -> None:
     while llm.has_unfinished():
         llm.step()
         steps += 1
+        if steps % 500 == 0:
+            print(f"step {steps}: {time.perf_counter() - t:.1f} s, {sched.stats()}", flush=True)
     torch.cuda.synchronize()
     print(f"completed: {steps} steps, {time.perf_counter() - t:.1f} s, {sched.stats()}")
 

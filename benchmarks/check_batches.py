@@ -62,7 +62,7 @@ def main() -> None:
             c = base(head_dim, dtype)
             return kernels.ExtendConfig(c.block_m, c.block_n, c.num_warps, args.extend_stages)
 
-        kernels.extend_config = staged  # type: ignore[assignment]
+        kernels.extend_config = staged
     opts: dict[str, Any] = {}
     if args.mem_fraction is not None:
         opts["mem_fraction"] = args.mem_fraction

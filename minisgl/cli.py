@@ -99,6 +99,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=["fcfs", "lpm"],
         help="fcfs: first come first served; lpm: longest cached prefix first",
     )
+    g.add_argument(
+        "--tp-size",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks: processes that each hold 1/N of the weights and KV heads "
+        "(one GPU each, cuda:0..N-1; gloo on CPU)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for --dummy-weights")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -44,6 +44,9 @@ class EngineConfig:
     """Recompute every prompt instead of reusing cached prefixes."""
     schedule_policy: str = "fcfs"
     """fcfs (first come, first served) | lpm (longest cached prefix first)."""
+    tp_size: int = 1
+    """Tensor-parallel ranks: processes that each hold 1/tp of the weights and KV heads (one
+    GPU each, cuda:0..tp-1; gloo on CPU)."""
     seed: int = 0
     """Seed for dummy weights."""
     progress: bool = True
@@ -80,5 +83,9 @@ class EngineConfig:
             )
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be fcfs or lpm, not {self.schedule_policy!r}")
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
+        if self.tp_size > 1 and self.device.startswith("cuda:"):
+            raise ValueError("with tp_size > 1 the ranks use cuda:0..tp_size-1; use --device cuda")
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError("mem_fraction must be in (0, 1]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from minisgl.config import EngineConfig
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.request import TokenEvent
-from minisgl.scheduler.setup import build_engine
+from minisgl.scheduler.setup import launch_engine
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
@@ -59,7 +60,10 @@ class LLM:
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         self.config = EngineConfig.from_options(model, options)
-        engine = build_engine(self.config)
+        engine = launch_engine(self.config)
+        # With tensor parallelism the other ranks are child processes: stop them when this
+        # object goes (or at exit). The finalizer must not hold `self`.
+        self._close = weakref.finalize(self, engine.close)
         self.model_name = engine.source.name
         self.max_model_len = engine.max_model_len
         self.runner = engine.runner
@@ -67,6 +71,16 @@ class LLM:
         self.tokenizer = tokenizer_for(engine.source)
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (also done when the LLM is collected)."""
+        self._close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def submit(
         self, prompt: Prompt, params: SamplingParams | None = None, *, stream: bool = False

@@ -61,12 +61,17 @@ def hf_config(arch: str, **overrides: Any) -> Any:
 
 
 def make_checkpoint(
-    out: Path, variant: str = "llama", seed: int = 0, max_shard_size: str | None = None
+    out: Path,
+    variant: str = "llama",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **overrides: Any,
 ) -> Path:
-    """Write a random checkpoint of VARIANTS[variant] (plus the demo tokenizer) into `out`."""
+    """Write a random checkpoint of VARIANTS[variant] (plus the demo tokenizer) into `out`;
+    `overrides` change config fields (vocab_size, num_key_value_heads, ...)."""
     from transformers import AutoModelForCausalLM
 
-    spec = dict(VARIANTS[variant])
+    spec = dict(VARIANTS[variant]) | overrides
     arch = spec.pop("arch")
     cfg = hf_config(arch, **spec)
     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ import torch
 from minisgl.attention.base import AttentionBackend, ForwardBatch
 from minisgl.attention.registry import create_backend, resolve_backend
 from minisgl.config import EngineConfig
+from minisgl.distributed.group import TPGroup
 from minisgl.engine.cuda_graph import DecodeGraphs
 from minisgl.engine.sampler import SampleOutput, SamplingBatch, sample
 from minisgl.models.loader import build_model, init_dummy_weights, load_weights
@@ -38,27 +39,37 @@ def resolve_dtype(name: str, config_dtype: str, device: torch.device) -> torch.d
 class ModelRunner:
     """Runs a CausalLM over ForwardBatches and samples the next tokens."""
 
-    def __init__(self, cfg: EngineConfig, source: ModelSource, max_model_len: int) -> None:
-        self.device = resolve_device(cfg.device)
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        source: ModelSource,
+        max_model_len: int,
+        tp: TPGroup | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.tp = tp or TPGroup()
+        self.device = device or resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, source.config.dtype, self.device)
         self.model_config = source.config
-        self.progress = cfg.progress
+        self.progress = cfg.progress and self.tp.is_leader
         self.graphs: DecodeGraphs | None = None
         mc = source.config
-        self.model = build_model(mc, self.dtype, self.device, max_model_len)
+        self.num_kv_heads = self.tp.shard(mc.num_kv_heads, "key/value heads")
+        self.model = build_model(mc, self.dtype, self.device, max_model_len, self.tp)
         if source.weights_dir is None:
             init_dummy_weights(self.model, cfg.seed)
         else:
-            load_weights(self.model, source.weights_dir, progress=cfg.progress)
+            load_weights(self.model, source.weights_dir, progress=self.progress)
         backend = resolve_backend(cfg.attention_backend, self.device.type)
         self.attn: AttentionBackend = create_backend(backend, mc.head_dim**-0.5)
         log.info(
-            "model %s (%s) on %s in %s, attention backend %s",
+            "model %s (%s) on %s in %s, attention backend %s%s",
             source.name,
             mc.architecture,
             self.device,
             str(self.dtype).removeprefix("torch."),
             self.attn.name,
+            f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "",
         )
 
     def capture_decode_graphs(

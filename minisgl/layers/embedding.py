@@ -1,4 +1,4 @@
-"""Token embedding and the LM head."""
+"""Token embedding and the LM head, split over tensor-parallel ranks by vocabulary rows."""
 
 from __future__ import annotations
 
@@ -6,24 +6,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisgl.distributed.group import TPGroup
 
-class Embedding(nn.Module):
-    """Looks up token ids in a [vocab, hidden] table."""
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+class VocabShard(nn.Module):
+    """A [vocab, hidden] table of which this rank holds rows [start, start + rows).
+
+    Each rank holds ceil(vocab / tp) rows; the last rank's tail past the vocabulary is zero.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.tp = tp or TPGroup()
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // self.tp.size)
+        self.start = self.tp.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+
+    def checkpoint_slice(self, full: torch.Tensor, part: int, leaf: str) -> torch.Tensor:
+        """This rank's rows of the full [vocab, hidden] checkpoint table."""
+        if self.tp.size == 1 or full.shape[0] != self.vocab_size:
+            return full
+        return full[self.start : self.start + self.rows]
+
+
+class Embedding(VocabShard):
+    """Looks up token ids; with several ranks each looks up its rows and the sum is taken."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.rows)
+        out = F.embedding(local.clamp(0, self.rows - 1), self.weight)
+        out = out * mine.unsqueeze(-1).to(out.dtype)
+        return self.tp.all_reduce(out)
 
 
-class LMHead(nn.Module):
-    """Projects hidden states to vocabulary logits; may share its table with the embedding."""
+class LMHead(VocabShard):
+    """Projects hidden states to vocabulary logits; may share its table with the embedding.
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+    With several ranks each computes the logits of its rows and all ranks gather all of them.
+    """
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size == 1:
+            return logits
+        return self.tp.all_gather_last(logits)[..., : self.vocab_size]

@@ -41,6 +41,17 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
 
+    def tp_problem(self, tp_size: int) -> str | None:
+        """Why this model cannot be split over `tp_size` ranks, or None if it can."""
+        for what, n in (
+            ("attention heads", self.num_heads),
+            ("key/value heads", self.num_kv_heads),
+            ("intermediate_size", self.intermediate_size),
+        ):
+            if n % tp_size:
+                return f"{what} ({n}) is not divisible by the tensor-parallel size {tp_size}"
+        return None
+
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim

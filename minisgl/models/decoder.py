@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from minisgl.attention.base import ForwardBatch
+from minisgl.distributed.group import TPGroup
 from minisgl.layers.activation import silu_and_mul
 from minisgl.layers.embedding import Embedding, LMHead
 from minisgl.layers.linear import MergedLinear
@@ -15,16 +16,26 @@ from minisgl.models.config import ModelConfig
 
 
 class Attention(nn.Module):
-    """Fused QKV projection, optional per-head q/k RMSNorm (Qwen3), rotary, paged attention."""
+    """Fused QKV projection, optional per-head q/k RMSNorm (Qwen3), rotary, paged attention.
 
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+    With tensor parallelism each rank computes its 1/tp of the query and kv heads (column-
+    parallel qkv) and the output projection sums the ranks' parts (row-parallel).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         self.layer = layer
         self.cfg = cfg
+        self.num_heads = tp.shard(cfg.num_heads, "attention heads")
+        self.num_kv_heads = tp.shard(cfg.num_kv_heads, "key/value heads")
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], bias=cfg.qkv_bias
+            cfg.hidden_size,
+            [cfg.q_size, cfg.kv_size, cfg.kv_size],
+            bias=cfg.qkv_bias,
+            tp=tp,
+            parallel="column",
         )
-        self.o_proj = MergedLinear(cfg.q_size, [cfg.hidden_size], bias=False)
+        self.o_proj = MergedLinear(cfg.q_size, [cfg.hidden_size], False, tp, "row")
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -32,28 +43,29 @@ class Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        cfg = self.cfg
-        q, k, v = self.qkv_proj(hidden).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        d = self.cfg.head_dim
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, d)
+        k = k.view(-1, self.num_kv_heads, d)
+        v = v.view(-1, self.num_kv_heads, d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = batch.attn.forward(q, k, v, self.layer, batch)
-        out = self.o_proj(out.reshape(-1, cfg.q_size))
+        out = self.o_proj(out.reshape(-1, q_size))
         assert isinstance(out, torch.Tensor)
         return out
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward with a fused gate/up projection."""
+    """SwiGLU feed-forward with a fused gate/up projection (column-parallel), down row-parallel."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [inter, inter], bias=False)
-        self.down_proj = MergedLinear(inter, [cfg.hidden_size], bias=False)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [inter, inter], False, tp, "column")
+        self.down_proj = MergedLinear(inter, [cfg.hidden_size], False, tp, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -63,10 +75,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual add is fused into the next norm."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer, rotary)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, rotary, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -90,22 +102,27 @@ class DecoderLayer(nn.Module):
 class DecoderBody(nn.Module):
     """Embedding, the layer stack and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup) -> None:
         super().__init__()
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, max_positions)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """A decoder-only language model computing next-token logits for a ForwardBatch."""
+    """A decoder-only language model computing next-token logits for a ForwardBatch.
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    `tp`: this rank's place among tensor-parallel ranks; each holds a shard of the weights
+    (see MergedLinear and VocabShard) and every rank ends with the same full logits.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = DecoderBody(cfg, max_positions)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
+        self.tp = tp or TPGroup()
+        self.model = DecoderBody(cfg, max_positions, self.tp)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, self.tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

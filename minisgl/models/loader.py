@@ -9,6 +9,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from minisgl.distributed.group import TPGroup
+from minisgl.layers.embedding import VocabShard
 from minisgl.layers.linear import MergedLinear
 from minisgl.models.config import ModelConfig, load_json
 from minisgl.models.decoder import CausalLM
@@ -29,11 +31,15 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def build_model(
-    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    tp: TPGroup | None = None,
 ) -> CausalLM:
-    """An uninitialised model of `cfg` on `device` (weights still to be loaded)."""
+    """An uninitialised model of `cfg` (this rank's shard of it) on `device`."""
     with torch.device(device):
-        model = CausalLM(cfg, max_positions)
+        model = CausalLM(cfg, max_positions, tp)
     # Parameters take the serving dtype; rotary tables stay float32.
     for p in model.parameters():
         p.data = p.data.to(dtype)
@@ -59,7 +65,8 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> None:
-    """Copy each checkpoint tensor into its (maybe fused) parameter; check shapes and coverage."""
+    """Copy each checkpoint tensor (this rank's slice of it) into its (maybe fused) parameter;
+    check shapes and coverage."""
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     expected = _expected_tensors(model)
@@ -116,9 +123,16 @@ def _copy_tensor(
         ours, part = _STACKED[last]
         module = modules[f"{parent}.{ours}"]
         assert isinstance(module, MergedLinear)
+        tensor = module.checkpoint_slice(tensor, part, leaf)
         target = getattr(module, leaf).data[module.shard_slice(part)]
     else:
         target = params[name].data
+        module = modules[module_path]
+        if isinstance(module, MergedLinear | VocabShard):
+            tensor = module.checkpoint_slice(tensor, 0, leaf)
+        if isinstance(module, VocabShard) and tensor.shape[0] < target.shape[0]:
+            target[tensor.shape[0] :].zero_()  # the last rank's rows past the vocabulary
+            target = target[: tensor.shape[0]]
     if tuple(tensor.shape) != tuple(target.shape):
         raise ModelLoadError(
             f"{path.name}: tensor {name} has shape {tuple(tensor.shape)}, "

@@ -85,9 +85,13 @@ def _to_out(ev: TokenEvent, params: SamplingParams | None) -> TokenOut:
     )
 
 
-def run_scheduler(cfg: EngineConfig, endpoints: Endpoints) -> None:
-    """Load, warm up, announce ModelInfo, then loop: take messages, step, send outputs."""
-    engine = build_engine(cfg)
+def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, tp_port: int | None = None) -> None:
+    """Load, warm up, announce ModelInfo, then loop: take messages, step, send outputs.
+
+    With tensor parallelism this is rank 0; the launcher starts the other ranks
+    (`setup.run_follower`) with the same `tp_port`, and they follow this one.
+    """
+    engine = build_engine(cfg, 0, tp_port)
     sched = engine.scheduler
     warm_up(sched)
     ctx = zmq.Context()
@@ -104,6 +108,7 @@ def run_scheduler(cfg: EngineConfig, endpoints: Endpoints) -> None:
         for msg in msgs:
             if isinstance(msg, Shutdown):
                 ctx.destroy(linger=0)
+                engine.close()
                 return
             if isinstance(msg, NewReq):
                 try:

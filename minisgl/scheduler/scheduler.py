@@ -20,6 +20,13 @@ resolved from `future` on the GPU, so the CPU never waits for a step to end befo
 the next. A request that stops at a token the CPU has not seen yet is already in the next
 step; that one extra token is dropped. Without overlap, each step reads back its own tokens
 at once, through the same code.
+
+Tensor parallelism: every rank runs its own Scheduler over its shard of the model and KV
+cache. Only the leader (rank 0) is called from outside; it records each call that changes the
+state (add, abort, cache release) and, at the start of every step, broadcasts them to the other
+ranks, which replay them and step too (`follow`). Scheduling is deterministic given those calls
+and the sampled tokens, and every rank samples the same tokens from the same gathered logits,
+so all ranks make the same decisions without further messages.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import math
 import secrets
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -103,12 +111,15 @@ class Scheduler:
         self.vocab_size = mc.vocab_size
         self.eos_ids = frozenset(mc.eos_token_ids)
         self.page_size = cfg.page_size
-        num_pages = cfg.num_pages or self._auto_num_pages()
+        self.tp = runner.tp
+        self._ops: list[tuple[Any, ...]] = []  # leader: calls not yet sent to the other ranks
+        # Every rank must see the same pool size: the smallest any rank can hold.
+        num_pages = self.tp.min_int(cfg.num_pages or self._auto_num_pages())
         self.pool = KVPool(
             mc.num_layers,
             num_pages,
             cfg.page_size,
-            mc.num_kv_heads,
+            runner.num_kv_heads,
             mc.head_dim,
             runner.dtype,
             runner.device,
@@ -132,6 +143,7 @@ class Scheduler:
             else None
         )
         self._steps = 0
+        self._token_digest = 0  # hash of every token read back (ranks compare it)
         self._in_flight: _Launched | None = None
         self.h2d = HostToDevice()
         if runner.device.type == "cuda" and not cfg.disable_cuda_graph:
@@ -170,7 +182,7 @@ class Scheduler:
     def _page_bytes(self) -> int:
         mc = self.runner.model_config
         return KVPool.bytes_per_page(
-            mc.num_layers, self.page_size, mc.num_kv_heads, mc.head_dim, self.runner.dtype
+            mc.num_layers, self.page_size, self.runner.num_kv_heads, mc.head_dim, self.runner.dtype
         )
 
     def _auto_num_pages(self) -> int:
@@ -192,8 +204,13 @@ class Scheduler:
 
     # ----- requests -----------------------------------------------------------------------
 
-    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raise ValueError if it can never run."""
+    def add_request(
+        self, rid: str, prompt_ids: list[int], params: SamplingParams, seed: int | None = None
+    ) -> None:
+        """Queue a request; raise ValueError if it can never run.
+
+        `seed` is the sampling seed when params has none (a random one if None).
+        """
         if not prompt_ids:
             raise ValueError("prompt: must contain at least one token")
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
@@ -213,11 +230,14 @@ class Scheduler:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_ids
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.waiting.append(Req(rid, list(prompt_ids), params, seed, frozenset(stop_ids), max_new))
+        self._record("add", rid, list(prompt_ids), params, seed)
 
     def abort(self, rid: str) -> bool:
         """Drop a request wherever it is (queued, retracted, prefilling, decoding)."""
+        self._record("abort", rid)
         for req in self.waiting:
             if req.rid == rid:
                 req.finish_reason = "abort"  # a step in flight drops its token
@@ -233,6 +253,50 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._in_flight)
+
+    # ----- tensor parallelism -------------------------------------------------------------
+
+    def _record(self, *op: Any) -> None:
+        """Leader: remember a state-changing call for the other ranks (sent with the next step)."""
+        if self.tp.size > 1 and self.tp.is_leader:
+            self._ops.append(op)
+
+    def follow(self) -> None:
+        """Other ranks: replay the leader's calls and step with it, until it says stop."""
+        assert not self.tp.is_leader
+        while True:
+            ops, theirs = self.tp.broadcast_object(None)
+            for op in ops:
+                if op[0] == "stop":
+                    return
+                if op[0] == "add":
+                    self.add_request(*op[1:])
+                elif op[0] == "abort":
+                    self.abort(op[1])
+                elif op[0] == "release_cache":
+                    self.release_all_cache()
+            mine = self._fingerprint()
+            if mine != theirs:  # a bug: fail loudly rather than compute garbage
+                raise RuntimeError(
+                    f"tensor-parallel rank {self.tp.rank} is out of step with rank 0: "
+                    f"(steps, waiting, running, free pages, tokens) {mine} != {theirs}"
+                )
+            self.step()
+
+    def _fingerprint(self) -> tuple[int, ...]:
+        """What every rank must agree on before a step (tokens: a hash of all read back)."""
+        return (
+            self._steps,
+            len(self.waiting),
+            len(self.running),
+            self.allocator.num_free,
+            self._token_digest,
+        )
+
+    def stop_followers(self) -> None:
+        """Leader: let the other ranks' `follow` return (the engine is shutting down)."""
+        if self.tp.size > 1 and self.tp.is_leader:
+            self.tp.broadcast_object(([("stop",)], self._fingerprint()))
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -270,6 +334,7 @@ class Scheduler:
 
     def release_all_cache(self) -> None:
         """Evict every unlocked radix entry (tests use this to see the pool full again)."""
+        self._record("release_cache")
         if self.cache is not None:
             self.cache.reset()
 
@@ -281,6 +346,9 @@ class Scheduler:
         Without overlap that is this step; with it, the previous one (so the GPU already has
         this step queued while the host reads back and post-processes the last).
         """
+        if self.tp.size > 1 and self.tp.is_leader:
+            self.tp.broadcast_object((self._ops, self._fingerprint()))
+            self._ops = []
         launched = self._launch()
         if not self.overlap:
             return self._complete(launched) if launched else []
@@ -470,6 +538,7 @@ class Scheduler:
             launched.ready.synchronize()
         out = launched.sampled
         ids = out.token_ids.tolist()
+        self._token_digest = hash((self._token_digest, *ids))
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from minisgl.config import EngineConfig
+from minisgl.distributed.rendezvous import free_port
 from minisgl.ipc.messages import Shutdown
 from minisgl.ipc.transport import Endpoints, encode
 from minisgl.models.source import resolve_model
@@ -33,6 +34,7 @@ from minisgl.server.config import ServerConfig
 log = logging.getLogger(__name__)
 
 CHILD_JOIN_S = 10.0
+FOLLOWER_PREFIX = "scheduler_rank"
 
 
 def setup_logging(level: str) -> None:
@@ -58,7 +60,10 @@ class Workers:
     """The three worker processes and their shutdown."""
 
     def __init__(self, cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) -> None:
-        resolve_model(cfg.model, cfg.dummy_weights)  # fail fast, in this process
+        source = resolve_model(cfg.model, cfg.dummy_weights)  # fail fast, in this process
+        problem = source.config.tp_problem(cfg.tp_size)
+        if problem is not None:
+            raise ValueError(f"--tp-size: {problem}")
         ctx = multiprocessing.get_context("spawn")
         specs = {
             "tokenizer": ("minisgl.tokenizer.worker", "run_tokenizer"),
@@ -67,10 +72,18 @@ class Workers:
         }
         self.endpoints = endpoints
         self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
+        args: dict[str, tuple[Any, ...]] = {name: (cfg, endpoints) for name in specs}
+        if cfg.tp_size > 1:  # the other tensor-parallel ranks follow the scheduler (rank 0)
+            port = free_port()
+            args["scheduler"] = (cfg, endpoints, port)
+            for rank in range(1, cfg.tp_size):
+                name = f"{FOLLOWER_PREFIX}{rank}"
+                specs[name] = ("minisgl.scheduler.setup", "run_follower")
+                args[name] = (cfg, rank, port)
         for name, (module, fn) in specs.items():
             proc = ctx.Process(
                 target=_child_main,
-                args=(module, fn, scfg.log_level, (cfg, endpoints)),
+                args=(module, fn, scfg.log_level, args[name]),
                 name=name,
                 daemon=True,
             )
@@ -95,6 +108,8 @@ class Workers:
 
         ctx = zmq.Context()
         for name, proc in self.procs.items():
+            if name.startswith(FOLLOWER_PREFIX):
+                continue  # no socket: the scheduler stops them as it exits (else killed below)
             if name not in ready:
                 if proc.is_alive():
                     log.info("%s is still starting; killing it", name)

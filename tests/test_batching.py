@@ -365,3 +365,40 @@ def test_max_new_tokens_and_context_limit(
     assert out.token_ids == alone[i].token_ids[:5]
     assert out.finish_reason == "length"
     assert_idle(short)
+
+
+def test_every_batch_tensor_is_16_byte_aligned() -> None:
+    """Triton compiles a kernel again for each new combination of aligned / unaligned pointer
+    arguments, so views into the packed host-to-device buffers must all start 16 bytes in
+    (else a GPU run stalls on compiles the first time a batch shape hits a new combination).
+    Odd numbers of requests and tokens, prefill chunks, decodes and sampling options."""
+    llm = LLM(progress=False, page_size=4, chunked_prefill_size=37)
+    seen: list[tuple[str, torch.Tensor]] = []
+    forward, sample = llm.runner.forward, llm.runner.sample
+
+    def tensors(obj: Any) -> list[tuple[str, torch.Tensor]]:
+        fields = vars(obj).items()
+        return [(k, v) for k, v in fields if isinstance(v, torch.Tensor) and v.numel()]
+
+    def spy_forward(batch: ForwardBatch) -> torch.Tensor:
+        seen.extend(tensors(batch))
+        return forward(batch)
+
+    def spy_sample(logits: torch.Tensor, sb: Any) -> Any:
+        seen.extend(tensors(sb))
+        return sample(logits, sb)
+
+    llm.runner.forward = spy_forward  # type: ignore[method-assign]
+    llm.runner.sample = spy_sample  # type: ignore[method-assign]
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(5)]
+    params = [
+        SamplingParams(temperature=0.7 * (i % 2), top_p=0.9, min_p=0.05 * i, max_new_tokens=3 + i)
+        for i in range(5)
+    ]
+    llm.generate(prompts, params)
+    assert {name for name, _ in seen} >= {
+        "positions", "out_slots", "req_rows", "seq_lens", "extend_lens",
+        "temperature", "top_p", "min_p", "top_k", "seeds", "steps",
+    }  # fmt: skip
+    bad = sorted({name for name, t in seen if t.data_ptr() % 16})
+    assert not bad, f"tensors not 16-byte aligned: {bad}"

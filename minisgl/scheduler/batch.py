@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from minisgl.attention.base import AttentionBackend, ForwardBatch
@@ -9,6 +11,26 @@ from minisgl.engine.sampler import Penalties, SamplingBatch
 from minisgl.kvcache.pool import KVPool
 from minisgl.scheduler.request import Req
 from minisgl.transfer import HostToDevice
+
+#: Triton compiles a kernel once per combination of its pointer arguments being 16-byte aligned
+#: or not; a view into a packed buffer at an odd offset would make kernels compile again in the
+#: middle of a run (a second or more each) the first time a batch shape hits a new combination.
+#: So every segment of a packed buffer starts at a multiple of 16 bytes: int64 segments are
+#: padded to 2 elements, float32 / int32 ones to 4.
+_PAD64, _PAD32 = 2, 4
+
+
+def _padded(values: list[Any], multiple: int) -> list[Any]:
+    return values + [0] * (-len(values) % multiple)
+
+
+def _segments(sizes: list[int], multiple: int) -> list[slice]:
+    """Slices of consecutive segments of `sizes`, each padded to a multiple of `multiple`."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(slice(start, start + n))
+        start += n + (-n % multiple)
+    return out
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor | None) -> torch.Tensor:
@@ -45,18 +67,22 @@ def build_forward_batch(
     seq_lens = [req.num_computed + n for req, n in plan]
     ext = [n for _, n in plan]
     rows = [req.row for req, _ in plan]
-    # One host-to-device copy for everything, then views.
-    t, b = len(input_ids), len(plan)
-    packed = h2d(input_ids + positions + slots + rows + seq_lens + ext, torch.int64, device)
-    lens = packed[3 * t + b :].to(torch.int32)
+    # One host-to-device copy for everything, then views (16-byte aligned, see _PAD64).
+    b = len(plan)
+    parts = (input_ids, positions, slots, rows, _padded(seq_lens, _PAD32) + ext)
+    flat = [x for part in parts for x in _padded(part, _PAD64)]
+    ids_s, pos_s, slot_s, row_s, lens_s = _segments([len(p) for p in parts], _PAD64)
+    packed = h2d(flat, torch.int64, device)
+    lens = packed[lens_s].to(torch.int32)
+    ext_start = len(seq_lens) + (-len(seq_lens) % _PAD32)
     return ForwardBatch(
-        input_ids=resolve_placeholders(packed[:t], future),
-        positions=packed[t : 2 * t],
-        out_slots=packed[2 * t : 3 * t],
-        req_rows=packed[3 * t : 3 * t + b],
+        input_ids=resolve_placeholders(packed[ids_s], future),
+        positions=packed[pos_s],
+        out_slots=packed[slot_s],
+        req_rows=packed[row_s],
         page_table=page_table,
         seq_lens=lens[:b],
-        extend_lens=lens[b:],
+        extend_lens=lens[ext_start : ext_start + b],
         seq_lens_cpu=seq_lens,
         extend_lens_cpu=ext,
         page_size=ps,
@@ -103,25 +129,27 @@ def build_sampling_batch(
             [sorted(r.stop_ids) if t else [] for r, t in zip(reqs, too_early, strict=True)]
         )
     b = len(reqs)
-    fl = h2d(
-        [p.temperature for p in params] + [p.top_p for p in params] + [p.min_p for p in params],
-        torch.float32,
-        device,
+    f_parts = (
+        [p.temperature for p in params],
+        [p.top_p for p in params],
+        [p.min_p for p in params],
     )
-    it = h2d(
-        [p.top_k if p.top_k > 0 else vocab for p in params]
-        + [r.seed for r in reqs]
-        + [len(r.output_ids) for r in reqs],
-        torch.int64,
-        device,
+    fl = h2d([x for part in f_parts for x in _padded(part, _PAD32)], torch.float32, device)
+    i_parts = (
+        [p.top_k if p.top_k > 0 else vocab for p in params],
+        [r.seed for r in reqs],
+        [len(r.output_ids) for r in reqs],
     )
+    it = h2d([x for part in i_parts for x in _padded(part, _PAD64)], torch.int64, device)
+    temp_s, top_p_s, min_p_s = _segments([b] * 3, _PAD32)
+    top_k_s, seed_s, step_s = _segments([b] * 3, _PAD64)
     return SamplingBatch(
-        temperature=fl[:b],
-        top_p=fl[b : 2 * b],
-        min_p=fl[2 * b :],
-        top_k=it[:b],
-        seeds=it[b : 2 * b],
-        steps=it[2 * b :],
+        temperature=fl[temp_s],
+        top_p=fl[top_p_s],
+        min_p=fl[min_p_s],
+        top_k=it[top_k_s],
+        seeds=it[seed_s],
+        steps=it[step_s],
         all_greedy=all(p.greedy for p in params),
         use_top_k=any(0 < p.top_k < vocab and not p.greedy for p in params),
         use_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),

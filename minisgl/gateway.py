@@ -6,21 +6,24 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream` as server-sent
 events), GET /v1/models, GET /health. Each HTTP request becomes one Generate or StreamGenerate
-call; a client that disconnects cancels its call, which aborts the request in the server.
+call per choice (`n`, at most MAX_N; the server's radix cache computes the shared prompt once;
+with a `seed`, choice i samples with seed + i); a client that disconnects cancels its calls,
+which aborts the requests in the server.
 gRPC errors map to OpenAI-style error bodies: INVALID_ARGUMENT 400, NOT_FOUND 404,
 RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, anything else 500.
 
 Supported request fields: model (must name the served model when given), prompt (one string or
 one list of token ids) or messages (string contents, or lists of text parts), max_tokens /
 max_completion_tokens, temperature, top_p, seed, stop, presence_penalty, frequency_penalty,
-n = 1, stream, stream_options.include_usage, plus vLLM's extensions top_k, min_p,
+n, stream, stream_options.include_usage, plus vLLM's extensions top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
-include_stop_str_in_output. Not yet: logprobs, n > 1, echo, tools (a clear 400 each).
+include_stop_str_in_output. Not yet: logprobs, echo, tools (a clear 400 each).
 The gateway imports neither torch nor the engine; it needs aiohttp (`pip install minisgl[http]`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -54,6 +57,7 @@ _SAMPLING = (  # OpenAI / vLLM names that are also SamplingOptions fields
     "frequency_penalty",
     "seed",
 )
+MAX_N = 16  # most choices per request
 
 
 class BadRequest(Exception):
@@ -79,8 +83,6 @@ def _options(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, 
     for key in _UNSUPPORTED:
         if body.get(key) not in (None, False):
             raise BadRequest(f"{key}: not supported by this gateway yet", key)
-    if body.get("n") not in (None, 1):
-        raise BadRequest("n: only n = 1 is supported", "n")
     sampling = {}
     for key in _SAMPLING:
         value = _number(body, key)
@@ -148,12 +150,39 @@ def _chat_prompt(body: dict[str, Any]) -> common_pb2.Prompt:
     return common_pb2.Prompt(chat=chat)
 
 
-def _usage(usage: common_pb2.Usage) -> dict[str, Any]:
+def _num_choices(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise BadRequest(f"n: must be an integer from 1 to {MAX_N}", "n")
+    return n
+
+
+def _choice_fields(fields: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """One request per choice: ids rid-i, and with a seed, seed + i (distinct, reproducible)."""
+    if n == 1:
+        return [fields]
+    out = []
+    sampling = fields["sampling"]
+    for i in range(n):
+        s = common_pb2.SamplingOptions()
+        s.CopyFrom(sampling)
+        if sampling.HasField("seed"):
+            s.seed = sampling.seed + i
+        out.append({**fields, "sampling": s, "request_id": f"{fields['request_id']}-{i}"})
+    return out
+
+
+def _usage(usages: list[common_pb2.Usage]) -> dict[str, Any]:
+    """OpenAI usage of all choices: the prompt once, the completions summed."""
+    prompt = usages[0].prompt_tokens
+    completion = sum(u.completion_tokens for u in usages)
     return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": usages[0].cached_tokens},
     }
 
 
@@ -261,42 +290,52 @@ def build_app(target: str) -> Any:
         rid = request.headers.get("x-request-id") or f"{prefix}-{secrets.token_hex(12)}"
         # OpenAI's completions default to 16 tokens; chat replies run to the server's default.
         fields = gw.request(body, prompt, rid, default_max_tokens=None if chat else 16)
+        per_choice = _choice_fields(fields, _num_choices(body))
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
-            out = await gw.generate(fields)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": _FINISH.get(out.finish.reason)}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": out.text}
-            else:
-                choice.update(text=out.text, logprobs=None)
+            outs = await asyncio.gather(*(gw.generate(f) for f in per_choice))
+            choices = []
+            for i, out in enumerate(outs):
+                choice: dict[str, Any] = {
+                    "index": i,
+                    "finish_reason": _FINISH.get(out.finish.reason),
+                }
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": out.text}
+                else:
+                    choice.update(text=out.text, logprobs=None)
+                choices.append(choice)
             return web.json_response(
                 {
                     "id": rid,
                     "object": kind,
                     "created": created,
                     "model": model,
-                    "choices": [choice],
-                    "usage": _usage(out.usage),
+                    "choices": choices,
+                    "usage": _usage([out.usage for out in outs]),
                 }
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        call = gw.stream(fields)
+        calls = [gw.stream(f) for f in per_choice]
         try:
-            return await stream_events(request, call, chat, include_usage, rid, model, created)
+            return await stream_events(request, calls, chat, include_usage, rid, model, created)
         finally:
-            call.cancel()  # a no-op once finished; aborts the request if the client went away
+            for call in calls:
+                call.cancel()  # a no-op once finished; aborts the request if the client left
 
     async def stream_events(
         request: web.Request,
-        call: Any,
+        calls: list[Any],
         chat: bool,
         include_usage: bool,
         rid: str,
         model: str,
         created: int,
     ) -> web.StreamResponse:
-        msg = await call.read()  # errors before any output still become HTTP errors
+        """Server-sent events of the choices' streams, interleaved as their messages come."""
+        # Errors before any output (each call's first message) still become HTTP errors.
+        firsts = await asyncio.gather(*(call.read() for call in calls))
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -317,23 +356,53 @@ def build_app(target: str) -> Any:
 
         if chat:
             role = {"role": "assistant", "content": ""}
-            await send([{"index": 0, "delta": role, "finish_reason": None}])
+            await send(
+                [{"index": i, "delta": role, "finish_reason": None} for i in range(len(calls))]
+            )
+        # One reader per call feeds a queue: (choice, message), (choice, EOF) or (-1, error).
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def reader(i: int, call: Any, msg: Any) -> None:
+            try:
+                while msg is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    await queue.put((i, msg))
+                    msg = await call.read()
+                await queue.put((i, msg))
+            except grpc.aio.AioRpcError as e:
+                await queue.put((-1, e))
+
+        tasks = [
+            asyncio.create_task(reader(i, c, m))
+            for i, (c, m) in enumerate(zip(calls, firsts, strict=True))
+        ]
+        usages: list[common_pb2.Usage] = []
         try:
-            while msg is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            open_calls = len(calls)
+            while open_calls:
+                i, msg = await queue.get()
+                if isinstance(msg, grpc.aio.AioRpcError):
+                    raise msg
+                if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    open_calls -= 1
+                    continue
                 finish = _FINISH.get(msg.finish.reason) if msg.HasField("finish") else None
                 if msg.text or finish:
                     if chat:
                         piece: dict[str, Any] = {"delta": {"content": msg.text} if msg.text else {}}
                     else:
                         piece = {"text": msg.text, "logprobs": None}
-                    await send([{"index": 0, **piece, "finish_reason": finish}])
-                if include_usage and msg.HasField("usage"):
-                    await send([], _usage(msg.usage))
-                msg = await call.read()
+                    await send([{"index": i, **piece, "finish_reason": finish}])
+                if msg.HasField("usage"):
+                    usages.append(msg.usage)
+            if include_usage and len(usages) == len(calls):
+                await send([], _usage(usages))
         except grpc.aio.AioRpcError as e:  # after the headers: report it in the stream
             status, kind = _STATUS.get(e.code(), (500, "internal_error"))
             err = {"message": e.details() or e.code().name, "type": kind, "code": status}
             await resp.write(f"data: {json.dumps({'error': err})}\n\n".encode())
+        finally:
+            for task in tasks:
+                task.cancel()
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

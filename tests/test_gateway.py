@@ -150,6 +150,49 @@ def test_streamed_completion_equals_unary_and_ends_with_done(gateway: str) -> No
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
 
 
+def test_n_choices_unary_and_streamed(gateway: str, grpc_client: Client) -> None:
+    """n choices = n requests; with a seed, choice i samples with seed + i (so they differ and
+    each equals a plain gRPC call with that seed); streamed choices equal the unary ones."""
+    request = {"prompt": "Once upon", "max_tokens": 10, "temperature": 1.0, "seed": 40, "n": 3}
+    status, raw = _post(gateway + "/v1/completions", request)
+    assert status == 200, raw
+    body = json.loads(raw)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in body["choices"]]
+    for i, text in enumerate(texts):
+        want = grpc_client.generate("Once upon", max_new_tokens=10, temperature=1.0, seed=40 + i)
+        assert text == want.text
+    assert len(set(texts)) > 1
+    assert body["usage"]["completion_tokens"] == 30
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+
+    stream = {**request, "stream": True, "stream_options": {"include_usage": True}}
+    status, raw = _post(gateway + "/v1/completions", stream)
+    assert status == 200
+    events = _events(raw)
+    assert events[-1] == "[DONE]"
+    streamed = ["", "", ""]
+    finished = [0, 0, 0]
+    for chunk in events[:-1]:
+        for c in chunk["choices"]:
+            streamed[c["index"]] += c["text"]
+            finished[c["index"]] += c["finish_reason"] == "length"
+    assert streamed == texts and finished == [1, 1, 1]
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 30
+
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(
+        model="minisgl-demo",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=1.0,
+        seed=3,
+        n=2,
+    )
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.usage is not None and chat.usage.completion_tokens == 12
+
+
 def test_chat_through_the_openai_client(gateway: str, grpc_client: Client) -> None:
     client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
     messages = [
@@ -183,7 +226,8 @@ def test_chat_through_the_openai_client(gateway: str, grpc_client: Client) -> No
     [
         (b"{not json", 400, "not valid JSON"),
         ({"prompt": "x", "temperature": -1}, 400, "temperature"),
-        ({"prompt": "x", "n": 2}, 400, "n = 1"),
+        ({"prompt": "x", "n": 17}, 400, "n: must be an integer from 1 to 16"),
+        ({"prompt": "x", "n": 0}, 400, "n: must be"),
         ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
         ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "x", "top_k": "5"}, 400, "top_k"),

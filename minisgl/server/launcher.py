@@ -57,7 +57,8 @@ def _child_main(module: str, fn: str, level: str, args: tuple[Any, ...]) -> None
 
 
 class Workers:
-    """The three worker processes and their shutdown."""
+    """The worker processes (tokenizer, detokenizer, scheduler and, with --tp-size N, the
+    scheduler's other N-1 tensor-parallel ranks) and their shutdown."""
 
     def __init__(self, cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) -> None:
         source = resolve_model(cfg.model, cfg.dummy_weights)  # fail fast, in this process

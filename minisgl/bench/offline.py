@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,6 +90,27 @@ def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
     return 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - t)
 
 
+def _record_batches(llm: LLM, keep: int = 8) -> deque[tuple[int, int, int, int, int, str]]:
+    """Note each forward batch (the last `keep` kept) for a post-mortem of a failed run:
+    (forward number, requests, decoding, prefill tokens, longest sequence, graph | eager)."""
+    recent: deque[tuple[int, int, int, int, int, str]] = deque(maxlen=keep)
+    runner = llm.runner
+    forward, graphs = runner.forward, runner.graphs
+    count = 0
+
+    def noted(batch: Any) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        ext = batch.extend_lens_cpu
+        decode = ext.count(1)
+        path = "graph" if graphs is not None and graphs.can_run(batch) else "eager"
+        recent.append((count, len(ext), decode, sum(ext) - decode, max(batch.seq_lens_cpu), path))
+        return forward(batch)
+
+    runner.forward = noted  # type: ignore[method-assign]
+    return recent
+
+
 def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) -> dict[str, Any]:
     params = [
         SamplingParams(temperature=temperature, max_new_tokens=n, ignore_eos=True, seed=i)
@@ -109,9 +131,21 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
     phases = {name: [0, 0.0] for name in PHASES}
     slowest: list[tuple[float, int]] = []
     last = t
+    recent = _record_batches(llm)
     while done < len(rids):
         running = len(llm.scheduler.running)
-        outs = llm.step()
+        try:
+            outs = llm.step()
+        except Exception:
+            # A CUDA error surfaces a step or two after the kernel that caused it.
+            log.error("the run failed; the last forward batches, oldest first:")
+            for n, reqs_, decode, prefill, longest, path in recent:
+                log.error(
+                    "  forward %d: %d requests (%d decoding, %d prefill tokens), "
+                    "longest sequence %d, %s",
+                    n, reqs_, decode, prefill, longest, path,
+                )  # fmt: skip
+            raise
         now = time.perf_counter()
         if first_token_at is None and (outs or any(r.output_ids for r in llm.scheduler.running)):
             first_token_at = now

@@ -17,7 +17,9 @@ one list of token ids) or messages (string contents, or lists of text parts), ma
 max_completion_tokens, temperature, top_p, seed, stop, presence_penalty, frequency_penalty,
 n, stream, stream_options.include_usage, plus vLLM's extensions top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
-include_stop_str_in_output. Not yet: logprobs, echo, tools (a clear 400 each).
+include_stop_str_in_output; logprobs (completions: `logprobs` = N alternatives; chat:
+`logprobs` + `top_logprobs`; each token's text as decoded on its own). Not yet: echo, tools
+(a clear 400 each).
 The gateway imports neither torch nor the engine; it needs aiohttp (`pip install minisgl[http]`).
 """
 
@@ -46,7 +48,8 @@ _STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "functions", "best_of", "suffix")
+_UNSUPPORTED = ("echo", "tools", "functions", "best_of", "suffix")
+MAX_TOP_LOGPROBS = 20  # the server's limit
 _SAMPLING = (  # OpenAI / vLLM names that are also SamplingOptions fields
     "temperature",
     "top_p",
@@ -78,7 +81,59 @@ def _number(body: dict[str, Any], key: str) -> float | int | None:
     return value
 
 
-def _options(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, Any]:
+def _top_logprobs(body: dict[str, Any], key: str) -> int:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{key}: must be an integer from 0 to {MAX_TOP_LOGPROBS}", key)
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"{key}: must be an integer from 0 to {MAX_TOP_LOGPROBS}", key)
+    return value
+
+
+def _logprob_options(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """OutputOptions for logprobs. Completions: `logprobs` = how many top alternatives;
+    chat: `logprobs` true, `top_logprobs` = how many."""
+    if chat:
+        wanted = body.get("logprobs")
+        if wanted not in (None, True, False):
+            raise BadRequest("logprobs: must be a boolean", "logprobs")
+        if body.get("top_logprobs") is not None:
+            if not wanted:
+                raise BadRequest("top_logprobs: needs logprobs: true", "top_logprobs")
+            return {"logprobs": True, "top_logprobs": _top_logprobs(body, "top_logprobs")}
+        return {"logprobs": True} if wanted else {}
+    if body.get("logprobs") is None:
+        return {}
+    return {"logprobs": True, "top_logprobs": _top_logprobs(body, "logprobs")}
+
+
+def _completion_logprobs(lps: Any, offset: int) -> dict[str, Any]:
+    """The legacy completions `logprobs` object of some tokens, text offsets from `offset`."""
+    tokens = [lp.chosen.token for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.chosen.logprob for lp in lps],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(lps: Any) -> dict[str, Any]:
+    """The chat `logprobs` object of some tokens."""
+
+    def entry(t: Any) -> dict[str, Any]:
+        return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+
+    return {
+        "content": [{**entry(lp.chosen), "top_logprobs": [entry(t) for t in lp.top]} for lp in lps]
+    }
+
+
+def _options(body: dict[str, Any], default_max_tokens: int | None, chat: bool) -> dict[str, Any]:
     """SamplingOptions / StoppingOptions / OutputOptions of a request body (as keyword dicts)."""
     for key in _UNSUPPORTED:
         if body.get(key) not in (None, False):
@@ -108,7 +163,7 @@ def _options(body: dict[str, Any], default_max_tokens: int | None) -> dict[str, 
     ):
         if body.get(key) is not None:
             stopping[field] = body[key]
-    output = {}
+    output = _logprob_options(body, chat)
     if body.get("skip_special_tokens") is not None:
         output["skip_special_tokens"] = body["skip_special_tokens"]
     return {"sampling": sampling, "stopping": stopping, "output": output}
@@ -218,9 +273,10 @@ class Gateway:
         prompt: common_pb2.Prompt,
         rid: str,
         default_max_tokens: int | None,
+        chat: bool,
     ) -> dict[str, Any]:
         """GenerateRequest fields; wrong types (a string top_k, a negative seed) are a 400."""
-        opts = _options(body, default_max_tokens)
+        opts = _options(body, default_max_tokens, chat)
         try:
             return {
                 "prompt": prompt,
@@ -289,7 +345,8 @@ def build_app(target: str) -> Any:
         prefix = "chatcmpl" if chat else "cmpl"
         rid = request.headers.get("x-request-id") or f"{prefix}-{secrets.token_hex(12)}"
         # OpenAI's completions default to 16 tokens; chat replies run to the server's default.
-        fields = gw.request(body, prompt, rid, default_max_tokens=None if chat else 16)
+        fields = gw.request(body, prompt, rid, None if chat else 16, chat)
+        logprobs = fields["output"].logprobs
         per_choice = _choice_fields(fields, _num_choices(body))
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -303,8 +360,10 @@ def build_app(target: str) -> Any:
                 }
                 if chat:
                     choice["message"] = {"role": "assistant", "content": out.text}
+                    choice["logprobs"] = _chat_logprobs(out.logprobs) if logprobs else None
                 else:
-                    choice.update(text=out.text, logprobs=None)
+                    lp = _completion_logprobs(out.logprobs, 0) if logprobs else None
+                    choice.update(text=out.text, logprobs=lp)
                 choices.append(choice)
             return web.json_response(
                 {
@@ -319,7 +378,9 @@ def build_app(target: str) -> Any:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         calls = [gw.stream(f) for f in per_choice]
         try:
-            return await stream_events(request, calls, chat, include_usage, rid, model, created)
+            return await stream_events(
+                request, calls, chat, include_usage, logprobs, rid, model, created
+            )
         finally:
             for call in calls:
                 call.cancel()  # a no-op once finished; aborts the request if the client left
@@ -329,6 +390,7 @@ def build_app(target: str) -> Any:
         calls: list[Any],
         chat: bool,
         include_usage: bool,
+        logprobs: bool,
         rid: str,
         model: str,
         created: int,
@@ -376,6 +438,7 @@ def build_app(target: str) -> Any:
             for i, (c, m) in enumerate(zip(calls, firsts, strict=True))
         ]
         usages: list[common_pb2.Usage] = []
+        offsets = [0] * len(calls)  # completions' text_offset, per choice
         try:
             open_calls = len(calls)
             while open_calls:
@@ -386,11 +449,18 @@ def build_app(target: str) -> Any:
                     open_calls -= 1
                     continue
                 finish = _FINISH.get(msg.finish.reason) if msg.HasField("finish") else None
-                if msg.text or finish:
+                if msg.text or finish or (logprobs and msg.logprobs):
+                    lp: dict[str, Any] | None = None
                     if chat:
                         piece: dict[str, Any] = {"delta": {"content": msg.text} if msg.text else {}}
+                        if logprobs:
+                            lp = _chat_logprobs(msg.logprobs)
                     else:
-                        piece = {"text": msg.text, "logprobs": None}
+                        if logprobs:
+                            lp = _completion_logprobs(msg.logprobs, offsets[i])
+                            offsets[i] += sum(len(t) for t in lp["tokens"])
+                        piece = {"text": msg.text}
+                    piece["logprobs"] = lp
                     await send([{"index": i, **piece, "finish_reason": finish}])
                 if msg.HasField("usage"):
                     usages.append(msg.usage)

@@ -193,6 +193,53 @@ def test_n_choices_unary_and_streamed(gateway: str, grpc_client: Client) -> None
     assert chat.usage is not None and chat.usage.completion_tokens == 12
 
 
+def test_logprobs_unary_streamed_and_chat(gateway: str, grpc_client: Client) -> None:
+    """Each token's text, logprob and top alternatives, as the gRPC API gives them."""
+    want = grpc_client.generate(
+        "Logs", max_new_tokens=7, temperature=0.0, logprobs=True, top_logprobs=2
+    )
+    tokens = [lp.chosen.token for lp in want.logprobs]
+    assert len(tokens) == 7 and all(isinstance(t, str) for t in tokens)
+    request = {"prompt": "Logs", "max_tokens": 7, "temperature": 0, "logprobs": 2}
+    status, raw = _post(gateway + "/v1/completions", request)
+    assert status == 200, raw
+    lp = json.loads(raw)["choices"][0]["logprobs"]
+    assert lp["tokens"] == tokens
+    assert lp["token_logprobs"] == pytest.approx([x.chosen.logprob for x in want.logprobs])
+    # (A dict by text, as OpenAI's: two ids that decode alike, e.g. to U+FFFD, share a key.)
+    tops = [{t.token: pytest.approx(t.logprob) for t in x.top} for x in want.logprobs]
+    assert lp["top_logprobs"] == tops
+    assert lp["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(7)]
+
+    status, raw = _post(gateway + "/v1/completions", {**request, "stream": True})
+    chunks = [c for c in _events(raw)[:-1] if c["choices"]]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [t for x in streamed for t in x["tokens"]] == tokens
+    assert [o for x in streamed for o in x["text_offset"]] == lp["text_offset"]
+
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    messages: Any = [{"role": "user", "content": "Logs"}]
+    chat = client.chat.completions.create(
+        model="minisgl-demo",
+        messages=messages,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 5
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+    plain = client.chat.completions.create(model="minisgl-demo", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: needs logprobs"):
+        client.chat.completions.create(
+            model="minisgl-demo", messages=messages, max_tokens=2, top_logprobs=2
+        )
+
+
 def test_chat_through_the_openai_client(gateway: str, grpc_client: Client) -> None:
     client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
     messages = [
@@ -228,7 +275,8 @@ def test_chat_through_the_openai_client(gateway: str, grpc_client: Client) -> No
         ({"prompt": "x", "temperature": -1}, 400, "temperature"),
         ({"prompt": "x", "n": 17}, 400, "n: must be an integer from 1 to 16"),
         ({"prompt": "x", "n": 0}, 400, "n: must be"),
-        ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        ({"prompt": "x", "logprobs": 21}, 400, "logprobs: must be an integer from 0 to 20"),
+        ({"prompt": "x", "logprobs": "2"}, 400, "logprobs: must be an integer"),
         ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "x", "top_k": "5"}, 400, "top_k"),
         ({"prompt": "x", "seed": -1}, 400, "invalid option"),

@@ -109,9 +109,17 @@ def test_second_identical_prompt_reports_cached_tokens(client: Client) -> None:
 def test_logprobs_and_stop_token_ids(client: Client) -> None:
     unary = client.generate("logprobs", max_new_tokens=8, top_logprobs=3, **GREEDY)
     assert len(unary.logprobs) == 8
+    from minisgl.models.source import DEMO_DIR
+    from minisgl.tokenizer.tokenizer import load_tokenizer
+
+    text_of = load_tokenizer(DEMO_DIR).decode
     for tok, lp in zip(unary.token_ids, unary.logprobs, strict=True):
         assert lp.chosen.token_id == tok and lp.chosen.logprob <= 0
         assert len(lp.top) == 3 and lp.top[0].token_id == tok  # greedy picks the top one
+        # Each token's own text, for clients such as the OpenAI gateway.
+        assert [t.token for t in (lp.chosen, *lp.top)] == [
+            text_of([t.token_id]) for t in (lp.chosen, *lp.top)
+        ]
     stop_at = unary.token_ids[2]
     first = unary.token_ids.index(stop_at)
     stopped = client.generate("logprobs", max_new_tokens=8, stop_token_ids=[stop_at], **GREEDY)

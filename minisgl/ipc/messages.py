@@ -72,6 +72,7 @@ class Delta(msgspec.Struct, array_like=True):
     cached_tokens: int
     finish_reason: str | None
     matched_stop: int | str | None
+    token_texts: dict[int, str] | None = None  # with logprobs: each chosen / top id's text
 
 
 class DeltaBatch(msgspec.Struct, tag=True):

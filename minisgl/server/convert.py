@@ -125,16 +125,22 @@ def logprobs_pb(delta: Delta) -> list[common_pb2.TokenLogprobs]:
     """The TokenLogprobs of a delta's tokens (empty when not asked for)."""
     if delta.logprobs is None and delta.top is None:
         return []
+    texts = delta.token_texts or {}
     out = []
     for i, tok in enumerate(delta.token_ids):
         chosen = common_pb2.TokenLogprob(
-            token_id=tok, logprob=delta.logprobs[i] if delta.logprobs is not None else 0.0
+            token_id=tok,
+            logprob=delta.logprobs[i] if delta.logprobs is not None else 0.0,
+            token=texts.get(tok, ""),
         )
         top = [] if delta.top is None else delta.top[i]
         out.append(
             common_pb2.TokenLogprobs(
                 chosen=chosen,
-                top=[common_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in top],
+                top=[
+                    common_pb2.TokenLogprob(token_id=t, logprob=lp, token=texts.get(t, ""))
+                    for t, lp in top
+                ],
             )
         )
     return out

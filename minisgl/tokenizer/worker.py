@@ -172,6 +172,10 @@ def _detokenize(
             text += detok.flush()
     if finish is not None:
         del states[out.rid]
+    texts = None
+    if tok is not None and (out.logprob is not None or out.top is not None):
+        ids = {out.token_id, *(t for t, _ in out.top or ())}
+        texts = {i: tok.decode([i]) for i in ids}
     return Delta(
         out.rid,
         [out.token_id],
@@ -182,4 +186,5 @@ def _detokenize(
         out.cached_tokens,
         finish,
         matched,
+        texts,
     )

@@ -9,12 +9,18 @@ replayed on both ranks so later requests still agree.
 
 from __future__ import annotations
 
+import multiprocessing
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from minisgl import LLM
+from minisgl.distributed.group import destroy_tp, init_tp
+from minisgl.distributed.rendezvous import free_port
 from minisgl.sampling_params import SamplingParams
 from tests.checkpoints import make_checkpoint
 from tests.engine_util import assert_idle
@@ -85,6 +91,22 @@ def test_calls_between_steps_keep_the_ranks_in_step(tmp_path: Path) -> None:
         assert got == [o.token_ids for o in one.generate(prompts, greedy)]
 
 
+def test_retraction_under_memory_pressure_on_two_ranks(tmp_path: Path) -> None:
+    """A pool too small for the batch: requests are retracted and resumed the same way on
+    both ranks (each rank's pool is half the size in bytes, the same in pages)."""
+    model = _checkpoint(tmp_path, "qwen2-bias")
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True)
+    prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(8)]
+    opts = {**OPTS, "page_size": 1, "num_pages": 110}
+    outs = []
+    for tp in (1, 2):
+        with LLM(str(model), tp_size=tp, **opts) as llm:
+            outs.append([o.token_ids for o in llm.generate(prompts, greedy)])
+            assert llm.scheduler.stats().retractions > 0
+            assert_idle(llm)
+    assert outs[0] == outs[1]
+
+
 def test_a_model_that_does_not_split_is_a_clear_error(tmp_path: Path) -> None:
     model = make_checkpoint(tmp_path / "m", "llama", seed=1)  # 2 key/value heads
     with pytest.raises(ValueError, match=r"key/value heads \(2\) is not divisible .* size 4"):
@@ -104,3 +126,32 @@ def test_server_with_two_ranks(tmp_path: Path) -> None:
         assert got.token_ids == expected[0].token_ids
         assert server.terminate() == 0
     wait_until(lambda: not any(pid_alive(p) for p in pids.values()), 20, "the ranks to exit")
+
+
+def _idle_rank(rank: int, port: int, results: Any) -> None:
+    tp = init_tp(rank, 2, port, torch.device("cpu"), step_timeout=timedelta(seconds=2))
+    if rank == 0:
+        time.sleep(5)  # an idle server: no step for longer than a step's timeout
+    got = tp.broadcast_object("next step" if rank == 0 else None)
+    total = tp.all_reduce(torch.ones(3))
+    results.put((rank, got, total.tolist()))
+    destroy_tp(tp)
+
+
+def test_the_other_ranks_outwait_an_idle_leader() -> None:
+    """Rank 0's messages go over a group that never times out; a step's collectives do."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_idle_rank, args=(r, port, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(results.get(timeout=60) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert got == [(0, "next step", [2.0] * 3), (1, "next step", [2.0] * 3)]
+    assert [p.exitcode for p in procs] == [0, 0]

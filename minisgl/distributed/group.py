@@ -17,7 +17,7 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     device_group: Any = None  # dist.ProcessGroup for tensors (None when size == 1)
-    cpu_group: Any = None  # gloo dist.ProcessGroup for Python objects
+    cpu_group: Any = None  # gloo dist.ProcessGroup for Python objects (rank 0's messages)
 
     @property
     def is_leader(self) -> bool:
@@ -63,8 +63,25 @@ class TPGroup:
         return int(t.item())
 
 
-def init_tp(rank: int, size: int, port: int, device: torch.device) -> TPGroup:
-    """Join the engine's ranks (all on this host, rendezvous on 127.0.0.1:port)."""
+#: The other ranks wait for rank 0's next step in a broadcast for as long as the server is
+#: idle, which may be days; a collective inside a step that takes this long is a hang.
+IDLE_TIMEOUT = timedelta(days=365)
+STEP_TIMEOUT = timedelta(minutes=10)
+
+
+def init_tp(
+    rank: int,
+    size: int,
+    port: int,
+    device: torch.device,
+    step_timeout: timedelta = STEP_TIMEOUT,
+) -> TPGroup:
+    """Join the engine's ranks (all on this host, rendezvous on 127.0.0.1:port).
+
+    Two groups: the device group (NCCL or gloo) for the tensors of a step, whose collectives
+    fail after `step_timeout`, and a gloo group for rank 0's per-step messages, which never
+    time out (a rank that dies still ends the others' wait at once: its sockets close).
+    """
     if size == 1:
         return TPGroup()
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -73,12 +90,11 @@ def init_tp(rank: int, size: int, port: int, device: torch.device) -> TPGroup:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=size,
-        timeout=timedelta(minutes=10),
+        timeout=step_timeout,
         device_id=device if device.type == "cuda" else None,
     )
-    world = dist.group.WORLD
-    cpu = dist.new_group(backend="gloo") if backend != "gloo" else world
-    return TPGroup(rank, size, world, cpu)
+    messages = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return TPGroup(rank, size, dist.group.WORLD, messages)
 
 
 def destroy_tp(group: TPGroup) -> None:

@@ -116,7 +116,7 @@ def test_message_over_the_transport_limit_is_resource_exhausted(small_server: Se
 def test_queue_limit_is_resource_exhausted(small_server: Server) -> None:
     """One request runs (2000 tokens: seconds of work), so newcomers wait for their first token;
     two may wait (--max-queued-requests 2), the rest are refused at once."""
-    n = 7
+    n = 24
     with small_server.channel() as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
         running = stub.StreamGenerate(

@@ -177,13 +177,16 @@ class Frontend:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"queue full: {len(self.awaiting_first)} requests waiting",
             )
-        await context.send_initial_metadata((("x-request-id", rid),))
+        # Take the queue place before anything awaits: concurrent calls must each see the
+        # places the others took (else several pass the check above at once).
         queue: asyncio.Queue[Delta | ReqError] = asyncio.Queue()
         self.requests[rid] = queue
         self.awaiting_first.add(rid)
-        self.to_tokenizer.send(msg)
-        finished = False
+        finished = sent = False
         try:
+            await context.send_initial_metadata((("x-request-id", rid),))
+            self.to_tokenizer.send(msg)
+            sent = True
             while True:
                 item = await queue.get()
                 self.awaiting_first.discard(rid)
@@ -200,7 +203,7 @@ class Frontend:
         finally:
             del self.requests[rid]
             self.awaiting_first.discard(rid)
-            if not finished:  # cancelled, deadline passed, or the stream was dropped
+            if sent and not finished:  # cancelled, deadline passed, or the stream was dropped
                 log.info("aborting %s", rid)
                 self.to_tokenizer.send(AbortReq(rid))
 

@@ -351,7 +351,13 @@ def build_app(target: str) -> Any:
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
-            outs = await asyncio.gather(*(gw.generate(f) for f in per_choice))
+            tasks = [asyncio.ensure_future(gw.generate(f)) for f in per_choice]
+            try:
+                outs = await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:  # one choice failed: abort the others in the server too
+                    task.cancel()
+                raise
             choices = []
             for i, out in enumerate(outs):
                 choice: dict[str, Any] = {

@@ -76,6 +76,8 @@ def runs() -> Iterator[Runs]:
     )
     r.start("bad-model", "generate", "Hello", "--model", "/no/such/model", "--no-progress")
     r.start("help", "generate", "--help")
+    r.start("serve-bad-model", "serve", "--model", "/no/such/model", "--port", "0")
+    r.start("serve-bad-tp", "serve", "--tp-size", "3", "--port", "0")
     r.start("presets", "presets")
     yield r
     r.close()
@@ -119,6 +121,21 @@ def test_bad_model_is_a_one_line_error(runs: Runs) -> None:
     assert len(errors) == 1
     assert "/no/such/model" in errors[0]
     assert res.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("run", "needle"),
+    [
+        ("serve-bad-model", "/no/such/model"),
+        ("serve-bad-tp", "--tp-size: attention heads (4) is not divisible by the tensor-parallel"),
+    ],
+)
+def test_serve_refuses_before_listening(runs: Runs, run: str, needle: str) -> None:
+    res = runs[run]
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("minisgl: error:")]
+    assert len(errors) == 1 and needle in errors[0], res.stderr
+    assert "listening" not in res.stderr and "Traceback" not in res.stderr
 
 
 def test_presets_lists_qwen3(runs: Runs) -> None:

@@ -61,10 +61,6 @@ class Workers:
     scheduler's other N-1 tensor-parallel ranks) and their shutdown."""
 
     def __init__(self, cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) -> None:
-        source = resolve_model(cfg.model, cfg.dummy_weights)  # fail fast, in this process
-        problem = source.config.tp_problem(cfg.tp_size)
-        if problem is not None:
-            raise ValueError(f"--tp-size: {problem}")
         ctx = multiprocessing.get_context("spawn")
         specs = {
             "tokenizer": ("minisgl.tokenizer.worker", "run_tokenizer"),
@@ -174,8 +170,17 @@ async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) ->
     return code
 
 
+def check_model(cfg: EngineConfig) -> None:
+    """Fail fast, in this process and before listening: the model resolves and splits."""
+    source = resolve_model(cfg.model, cfg.dummy_weights)
+    problem = source.config.tp_problem(cfg.tp_size)
+    if problem is not None:
+        raise ValueError(f"--tp-size: {problem}")
+
+
 def serve(cfg: EngineConfig, scfg: ServerConfig) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code."""
+    check_model(cfg)
     setup_logging(scfg.log_level)
     root = Path(tempfile.mkdtemp(prefix="minisgl-"))
     os.chmod(root, 0o700)

@@ -9,11 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +24,7 @@ from minisgl.v1 import model_pb2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "clients" / "python"))
 
-from minisgl_client import Client  # noqa: E402
+from minisgl_client import Client, StreamDelta  # noqa: E402
 
 STARTUP_S = 120.0
 STOP_S = 60.0
@@ -213,3 +214,51 @@ def run_server(workdir: Path, *flags: str, wait: bool = True) -> Iterator[Server
             server.terminate()
         finally:
             server.kill()
+
+
+class Streamer(threading.Thread):
+    """Consumes one StreamGenerate call in a thread, recording deltas and the final status."""
+
+    def __init__(self, server: Server, prompt: str, timeout: float = 120, **options: Any) -> None:
+        super().__init__(daemon=True)
+        self.client = server.client()
+        self.args = (prompt, timeout, options)
+        self.deltas: list[StreamDelta] = []
+        self.error: grpc.RpcError | None = None
+        self.first = threading.Event()
+
+    def run(self) -> None:
+        prompt, timeout, options = self.args
+        try:
+            for delta in self.client.stream(prompt, timeout=timeout, **options):
+                self.deltas.append(delta)
+                self.first.set()
+        except grpc.RpcError as e:
+            self.error = e
+        finally:
+            self.first.set()
+            self.client.close()
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(d.token_ids) for d in self.deltas)
+
+
+def kill_mid_stream(
+    server: Server, worker: str, max_new_tokens: int, timeout: float
+) -> grpc.RpcError:
+    """SIGKILL `worker` while a greedy stream runs; the stream must end with INTERNAL before
+    its last token and health go NOT_SERVING. Returns the stream's error."""
+    stream = Streamer(
+        server, "doomed", max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True
+    )
+    stream.start()
+    assert stream.first.wait(timeout) and stream.deltas, stream.error
+    os.kill(server.worker_pids()[worker], signal.SIGKILL)
+    stream.join(timeout)
+    assert not stream.is_alive(), f"the stream hangs after {worker} died"
+    assert stream.error is not None
+    assert stream.error.code() == grpc.StatusCode.INTERNAL, stream.error.details()
+    assert stream.tokens < max_new_tokens
+    wait_until(lambda: server.health() == "NOT_SERVING", timeout, "health NOT_SERVING")
+    return stream.error

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +13,17 @@ import grpc
 import pytest
 
 from minisgl.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from tests.server_util import Server, pid_alive, run_server, wait_idle, wait_until
+from tests.server_util import (
+    Server,
+    Streamer,
+    kill_mid_stream,
+    pid_alive,
+    run_server,
+    wait_idle,
+    wait_until,
+)
 
-from minisgl_client import StreamDelta, build_stream_request  # isort: skip
+from minisgl_client import build_stream_request  # isort: skip
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True}
 
@@ -29,34 +35,6 @@ def _assert_clean_exit(server: Server, pids: dict[str, int]) -> None:
     assert set(pids) == {"tokenizer", "detokenizer", "scheduler"}
     wait_until(lambda: not any(pid_alive(p) for p in pids.values()), 10, "the workers to be gone")
     assert list(server.tmpdir.iterdir()) == []
-
-
-class _Streamer(threading.Thread):
-    """Consumes one StreamGenerate call in a thread, recording deltas and the final status."""
-
-    def __init__(self, server: Server, prompt: str, timeout: float = 120, **options: Any) -> None:
-        super().__init__(daemon=True)
-        self.client = server.client()
-        self.args = (prompt, timeout, options)
-        self.deltas: list[StreamDelta] = []
-        self.error: grpc.RpcError | None = None
-        self.first = threading.Event()
-
-    def run(self) -> None:
-        prompt, timeout, options = self.args
-        try:
-            for delta in self.client.stream(prompt, timeout=timeout, **options):
-                self.deltas.append(delta)
-                self.first.set()
-        except grpc.RpcError as e:
-            self.error = e
-        finally:
-            self.first.set()
-            self.client.close()
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(d.token_ids) for d in self.deltas)
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +133,8 @@ def test_queue_limit_is_resource_exhausted(small_server: Server) -> None:
 def test_scheduler_death_fails_streams_and_stops_serving(tmp_path: Path) -> None:
     with run_server(tmp_path, "--max-model-len", "512") as server:
         pids = server.worker_pids()
-        stream = _Streamer(server, "doomed", max_new_tokens=500, **GREEDY)
-        stream.start()
-        assert stream.first.wait(30) and stream.deltas, stream.error
-        os.kill(pids["scheduler"], signal.SIGKILL)
-        stream.join(30)
-        assert not stream.is_alive(), "the stream hangs after the scheduler died"
-        assert stream.error is not None
-        assert stream.error.code() == grpc.StatusCode.INTERNAL, stream.error.details()
-        assert "scheduler" in (stream.error.details() or "")
-        assert stream.tokens < 500
-        wait_until(lambda: server.health() == "NOT_SERVING", 10, "health NOT_SERVING")
+        error = kill_mid_stream(server, "scheduler", max_new_tokens=500, timeout=30)
+        assert "scheduler" in (error.details() or "")
         with server.client(timeout=10) as client:
             t = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
@@ -182,7 +151,7 @@ def test_sigterm_finishes_streams_then_exits_cleanly(tmp_path: Path) -> None:
     with run_server(tmp_path, "--max-model-len", "512") as server:
         pids = server.worker_pids()
         streams = [
-            _Streamer(server, f"drain {i}", max_new_tokens=300 + 20 * i, **GREEDY) for i in range(4)
+            Streamer(server, f"drain {i}", max_new_tokens=300 + 20 * i, **GREEDY) for i in range(4)
         ]
         for s in streams:
             s.start()

@@ -10,14 +10,11 @@ replayed on both ranks so later requests still agree.
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import torch
 
@@ -27,8 +24,7 @@ from minisgl.distributed.rendezvous import free_port
 from minisgl.sampling_params import SamplingParams
 from tests.checkpoints import make_checkpoint
 from tests.engine_util import assert_idle
-from tests.server_util import pid_alive, run_server, wait_until
-from tests.test_server_lifecycle import _Streamer
+from tests.server_util import kill_mid_stream, pid_alive, run_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -137,16 +133,7 @@ def test_a_rank_that_dies_fails_the_server_cleanly(tmp_path: Path) -> None:
     every process exits."""
     with run_server(tmp_path, "--tp-size", "2", "--max-model-len", "512") as server:
         pids = server.worker_pids()
-        stream = _Streamer(server, "doomed", max_new_tokens=400, temperature=0.0, ignore_eos=True)
-        stream.start()
-        assert stream.first.wait(60) and stream.deltas, stream.error
-        os.kill(pids["scheduler_rank1"], signal.SIGKILL)
-        stream.join(60)
-        assert not stream.is_alive(), "the stream hangs after a rank died"
-        assert stream.error is not None
-        assert stream.error.code() == grpc.StatusCode.INTERNAL, stream.error.details()
-        assert stream.tokens < 400
-        wait_until(lambda: server.health() == "NOT_SERVING", 30, "health NOT_SERVING")
+        kill_mid_stream(server, "scheduler_rank1", max_new_tokens=400, timeout=60)
         assert server.terminate(timeout=60) == 1
     wait_until(lambda: not any(pid_alive(p) for p in pids.values()), 20, "every process gone")
 

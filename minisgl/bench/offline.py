@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from minisgl.bench import report
 from minisgl.cli import add_engine_args, engine_options
 from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
@@ -255,10 +255,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         result["hf"] = run_hf(args.model, reqs, device)
         result["speedup_vs_hf"] = result["minisgl"]["output_tok_s"] / result["hf"]["output_tok_s"]
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from minisgl.bench import report
 from minisgl.bench.grpc_overhead import local_server
 from minisgl.v1 import (
     common_pb2,
@@ -165,10 +165,7 @@ def main() -> None:
         with local_server(server_flags) as target:
             result = asyncio.run(run(target, *figures, args.timeout))
         result["server_flags"] = server_flags
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

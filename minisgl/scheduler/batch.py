@@ -15,22 +15,25 @@ from minisgl.transfer import HostToDevice
 #: Triton compiles a kernel once per combination of its pointer arguments being 16-byte aligned
 #: or not; a view into a packed buffer at an odd offset would make kernels compile again in the
 #: middle of a run (a second or more each) the first time a batch shape hits a new combination.
-#: So every segment of a packed buffer starts at a multiple of 16 bytes: int64 segments are
-#: padded to 2 elements, float32 / int32 ones to 4.
-_PAD64, _PAD32 = 2, 4
+#: So every list packed by `_pack` starts at a multiple of 16 bytes.
+_ALIGN_BYTES = 16
 
 
 def _padded(values: list[Any], multiple: int) -> list[Any]:
     return values + [0] * (-len(values) % multiple)
 
 
-def _segments(sizes: list[int], multiple: int) -> list[slice]:
-    """Slices of consecutive segments of `sizes`, each padded to a multiple of `multiple`."""
-    out, start = [], 0
-    for n in sizes:
-        out.append(slice(start, start + n))
-        start += n + (-n % multiple)
-    return out
+def _pack(
+    parts: tuple[list[Any], ...], dtype: torch.dtype, device: torch.device, h2d: HostToDevice
+) -> list[torch.Tensor]:
+    """Several lists in one host-to-device copy: a view per list, each 16-byte aligned."""
+    multiple = _ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size()
+    packed = h2d([x for part in parts for x in _padded(part, multiple)], dtype, device)
+    views, start = [], 0
+    for part in parts:
+        views.append(packed[start : start + len(part)])
+        start += len(part) + (-len(part) % multiple)
+    return views
 
 
 def resolve_placeholders(ids: torch.Tensor, future: torch.Tensor | None) -> torch.Tensor:
@@ -67,22 +70,22 @@ def build_forward_batch(
     seq_lens = [req.num_computed + n for req, n in plan]
     ext = [n for _, n in plan]
     rows = [req.row for req, _ in plan]
-    # One host-to-device copy for everything, then views (16-byte aligned, see _PAD64).
+    # One host-to-device copy for everything, then views. The lengths travel as int64 and
+    # become one int32 tensor, seq_lens padded so that extend_lens starts 16 bytes in too.
     b = len(plan)
-    parts = (input_ids, positions, slots, rows, _padded(seq_lens, _PAD32) + ext)
-    flat = [x for part in parts for x in _padded(part, _PAD64)]
-    ids_s, pos_s, slot_s, row_s, lens_s = _segments([len(p) for p in parts], _PAD64)
-    packed = h2d(flat, torch.int64, device)
-    lens = packed[lens_s].to(torch.int32)
-    ext_start = len(seq_lens) + (-len(seq_lens) % _PAD32)
+    seq_padded = _padded(seq_lens, _ALIGN_BYTES // 4)
+    ids, pos, out_slots, req_rows, lens64 = _pack(
+        (input_ids, positions, slots, rows, seq_padded + ext), torch.int64, device, h2d
+    )
+    lens = lens64.to(torch.int32)
     return ForwardBatch(
-        input_ids=resolve_placeholders(packed[ids_s], future),
-        positions=packed[pos_s],
-        out_slots=packed[slot_s],
-        req_rows=packed[row_s],
+        input_ids=resolve_placeholders(ids, future),
+        positions=pos,
+        out_slots=out_slots,
+        req_rows=req_rows,
         page_table=page_table,
         seq_lens=lens[:b],
-        extend_lens=lens[ext_start : ext_start + b],
+        extend_lens=lens[len(seq_padded) :],
         seq_lens_cpu=seq_lens,
         extend_lens_cpu=ext,
         page_size=ps,
@@ -102,9 +105,6 @@ def build_sampling_batch(
     """Per-row sampling tensors; penalty and ban tensors only when some request needs them."""
     params = [r.params for r in reqs]
 
-    def floats(values: list[float]) -> torch.Tensor:
-        return h2d(values, torch.float32, device)
-
     def padded(rows: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(r) for r in rows))
         flat = [t for r in rows for t in r + [vocab] * (width - len(r))]
@@ -115,10 +115,20 @@ def build_sampling_batch(
     if any(
         p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
     ):
+        repetition, presence, frequency = _pack(
+            (
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            ),
+            torch.float32,
+            device,
+            h2d,
+        )
         penalties = Penalties(
-            repetition=floats([p.repetition_penalty for p in params]),
-            presence=floats([p.presence_penalty for p in params]),
-            frequency=floats([p.frequency_penalty for p in params]),
+            repetition=repetition,
+            presence=presence,
+            frequency=frequency,
             seen_ids=padded([r.prompt_ids + r.output_ids for r in reqs]),
             output_ids=padded([r.output_ids for r in reqs]),
         )
@@ -128,28 +138,29 @@ def build_sampling_batch(
         banned = padded(
             [sorted(r.stop_ids) if t else [] for r, t in zip(reqs, too_early, strict=True)]
         )
-    b = len(reqs)
-    f_parts = (
-        [p.temperature for p in params],
-        [p.top_p for p in params],
-        [p.min_p for p in params],
+    temperature, top_p, min_p = _pack(
+        ([p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params]),
+        torch.float32,
+        device,
+        h2d,
     )
-    fl = h2d([x for part in f_parts for x in _padded(part, _PAD32)], torch.float32, device)
-    i_parts = (
-        [p.top_k if p.top_k > 0 else vocab for p in params],
-        [r.seed for r in reqs],
-        [len(r.output_ids) for r in reqs],
+    top_k, seeds, steps = _pack(
+        (
+            [p.top_k if p.top_k > 0 else vocab for p in params],
+            [r.seed for r in reqs],
+            [len(r.output_ids) for r in reqs],
+        ),
+        torch.int64,
+        device,
+        h2d,
     )
-    it = h2d([x for part in i_parts for x in _padded(part, _PAD64)], torch.int64, device)
-    temp_s, top_p_s, min_p_s = _segments([b] * 3, _PAD32)
-    top_k_s, seed_s, step_s = _segments([b] * 3, _PAD64)
     return SamplingBatch(
-        temperature=fl[temp_s],
-        top_p=fl[top_p_s],
-        min_p=fl[min_p_s],
-        top_k=it[top_k_s],
-        seeds=it[seed_s],
-        steps=it[step_s],
+        temperature=temperature,
+        top_p=top_p,
+        min_p=min_p,
+        top_k=top_k,
+        seeds=seeds,
+        steps=steps,
         all_greedy=all(p.greedy for p in params),
         use_top_k=any(0 < p.top_k < vocab and not p.greedy for p in params),
         use_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),

@@ -232,8 +232,9 @@ class Scheduler:
             stop_ids |= self.eos_ids
         if seed is None:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.waiting.append(Req(rid, list(prompt_ids), params, seed, frozenset(stop_ids), max_new))
-        self._record("add", rid, list(prompt_ids), params, seed)
+        req = Req(rid, list(prompt_ids), params, seed, frozenset(stop_ids), max_new)
+        self.waiting.append(req)
+        self._record("add", rid, req.prompt_ids, params, seed)
 
     def abort(self, rid: str) -> bool:
         """Drop a request wherever it is (queued, retracted, prefilling, decoding)."""
@@ -256,9 +257,14 @@ class Scheduler:
 
     # ----- tensor parallelism -------------------------------------------------------------
 
+    @property
+    def _leads_others(self) -> bool:
+        """This is rank 0 of several: other ranks replay its calls."""
+        return self.tp.size > 1 and self.tp.is_leader
+
     def _record(self, *op: Any) -> None:
         """Leader: remember a state-changing call for the other ranks (sent with the next step)."""
-        if self.tp.size > 1 and self.tp.is_leader:
+        if self._leads_others:
             self._ops.append(op)
 
     def follow(self) -> None:
@@ -295,7 +301,7 @@ class Scheduler:
 
     def stop_followers(self) -> None:
         """Leader: let the other ranks' `follow` return (the engine is shutting down)."""
-        if self.tp.size > 1 and self.tp.is_leader:
+        if self._leads_others:
             self.tp.broadcast_object(([("stop",)], self._fingerprint()))
 
     def stats(self) -> SchedulerStats:
@@ -346,7 +352,7 @@ class Scheduler:
         Without overlap that is this step; with it, the previous one (so the GPU already has
         this step queued while the host reads back and post-processes the last).
         """
-        if self.tp.size > 1 and self.tp.is_leader:
+        if self._leads_others:
             self.tp.broadcast_object((self._ops, self._fingerprint()))
             self._ops = []
         launched = self._launch()

@@ -60,8 +60,10 @@ class AttentionBackend(ABC):
     def prepare_capture(self, batch: ForwardBatch) -> None:
         """Before capturing a decode graph of `batch`'s size: fix metadata that replays reuse.
 
-        Only backends with supports_cuda_graph implement this; forward must then read
-        everything that varies between steps from the batch's device tensors.
+        Called before each warm-up run and again right before the capture, it must drop the
+        device buffers of earlier runs, so that the capture allocates its own in the graphs'
+        memory pool. Only backends with supports_cuda_graph implement this; forward must then
+        read everything that varies between steps from the batch's device tensors.
         """
         raise NotImplementedError(f"{self.name} attention does not support CUDA graphs")
 

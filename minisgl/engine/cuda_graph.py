@@ -66,9 +66,14 @@ class DecodeGraphs:
                 list(reversed(self.sizes)), desc="Capturing CUDA graphs", disable=not progress
             ):
                 batch = self._batch(bs)
-                attn.prepare_capture(batch)
                 for _ in range(2):  # warm up (Triton compiles, allocator settles)
+                    attn.prepare_capture(batch)
                     forward(batch)
+                # Once more right before capturing: scratch buffers the warm-up allocated came
+                # from the ordinary pool and are freed at the next prepare; a graph that kept
+                # their addresses would write into memory handed out (or unmapped) since. The
+                # capture allocates its own, from the graphs' private pool.
+                attn.prepare_capture(batch)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.outputs[bs] = forward(batch)

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minisgl.llm import LLM
 from minisgl.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeConfig
 from minisgl.models.errors import ModelLoadError
+from minisgl.models.loader import build_model
 from minisgl.models.source import PRESETS_DIR, preset_names, resolve_model
 from minisgl.sampling_params import SamplingParams
 from minisgl.tokenizer.tokenizer import Prompt
@@ -371,3 +373,26 @@ def test_dummy_weights_ignore_a_checkpoints_weights(broken: Callable[[str], Path
     (path / "model.safetensors").unlink()
     out = open_llm(path, dummy_weights=True).generate("Hello", GREEDY)[0]
     assert len(out.token_ids) == 4
+
+
+def test_parameters_are_created_in_the_serving_dtype(pristine: dict[str, Path]) -> None:
+    """No float32 copy of any weight matrix along the way: one would double the peak memory of
+    loading and stay in the CUDA allocator's cache, shrinking the KV pool sized after it."""
+    cfg = resolve_model(str(pristine["single"]), dummy_weights=False).config
+    created: list[tuple[str, torch.dtype, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                created.append((str(func), out.dtype, out.numel()))
+            return out
+
+    with Record():
+        model = build_model(cfg, torch.bfloat16, torch.device("cpu"), max_positions=8)
+    assert torch.get_default_dtype() == torch.float32, "the default dtype was not restored"
+    params = list(model.parameters())
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    smallest_matrix = min(p.numel() for p in params if p.dim() == 2)
+    in_float32 = [c for c in created if c[1] == torch.float32 and c[2] >= smallest_matrix]
+    assert not in_float32, f"weight-sized float32 tensors created: {in_float32[:3]}"

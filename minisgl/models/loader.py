@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,13 +39,26 @@ def build_model(
     max_positions: int,
     tp: TPGroup | None = None,
 ) -> CausalLM:
-    """An uninitialised model of `cfg` (this rank's shard of it) on `device`."""
-    with torch.device(device):
+    """An uninitialised model of `cfg` (this rank's shard of it) on `device`.
+
+    Parameters are created in `dtype` directly (rotary tables are float32 by construction):
+    building in float32 and casting would take twice the weights' memory at the peak and leave
+    the float32 copies in the allocator's cache, where the KV-pool sizing counts them as used.
+    """
+    with torch.device(device), _default_dtype(dtype):
         model = CausalLM(cfg, max_positions, tp)
-    # Parameters take the serving dtype; rotary tables stay float32.
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default floating dtype set to `dtype` for the block (restored on exit)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

@@ -188,6 +188,8 @@ class Scheduler:
     def _auto_num_pages(self) -> int:
         device = self.runner.device
         if device.type == "cuda":
+            # The driver counts memory the caching allocator holds but no tensor uses as used.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(device)
             used = total - free
             budget = int(total * self.cfg.mem_fraction) - used

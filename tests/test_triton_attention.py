@@ -112,6 +112,8 @@ EXTEND_CASES = [
     ([150, 40], [140, 40], 1, 4, 1, 64),
     # Mixed: decodes around a prefill chunk that continues after 65 cached tokens.
     ([30, 1, 90, 12], [1, 1, 25, 1], 4, 2, 2, 64),
+    # Three leading decodes (the decode kernel), then a chunk and a one-token chunk (extend).
+    ([30, 1, 77, 90, 12], [1, 1, 1, 25, 1], 4, 4, 2, 16),
 ]
 
 
@@ -170,3 +172,41 @@ def test_extend_blocks(interpreted_kernels: ModuleType) -> None:
     triples = [tuple(blocks[i : i + 3]) for i in range(0, len(blocks), 3)]
     # Most keys first: 200, 140, 138, 74, 3.
     assert triples == [(2, 133, 0), (1, 3, 128), (1, 3, 64), (1, 3, 0), (0, 0, 0)]
+
+
+def test_extend_blocks_after_leading_decodes(interpreted_kernels: ModuleType) -> None:
+    # The first request (one token) is left to the decode kernel: tiles of the others only,
+    # with the same absolute request and token indices.
+    blocks = interpreted_kernels.extend_blocks([1, 130, 1], [41, 140, 200], 64, first=1)
+    triples = [tuple(blocks[i : i + 3]) for i in range(0, len(blocks), 3)]
+    assert triples == [(2, 131, 0), (1, 1, 128), (1, 1, 64), (1, 1, 0)]
+
+
+def test_mixed_step_runs_its_leading_decodes_in_the_decode_kernel(
+    interpreted_kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decodes batched with a prefill chunk read their keys once per kv head (decode kernel),
+    not once per query head in a mostly empty 128-row tile (extend kernel)."""
+    calls: list[tuple[str, int]] = []
+    for name in ("decode_attention", "extend_attention"):
+        real = getattr(interpreted_kernels, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name) -> None:
+            q = args[0]
+            assert isinstance(q, torch.Tensor)
+            calls.append((_name, q.shape[0]))
+            _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(interpreted_kernels, name, counted)
+    case = make_case(
+        [30, 1, 77, 90],
+        [1, 1, 1, 25],
+        page_size=4,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        dtype=torch.float32,
+        seed=3,
+    )
+    check(case, num_splits=2)
+    assert calls == [("decode_attention", 3), ("extend_attention", 28)]

@@ -1,9 +1,12 @@
 """Paged attention in Triton: split-KV decode kernel and a varlen extend kernel.
 
-Decode steps (every request adds one token) use minisgl.kernels.attention.decode_attention;
-any other step, including mixed prefill chunks and decodes, uses extend_attention. All host-side
-decisions (number of KV splits, the extend kernel's query blocks) are made in prepare() from the
-batch's CPU lists, so forward() launches kernels without host syncs.
+Requests adding one token (decodes, which the scheduler puts first in a batch) use
+minisgl.kernels.attention.decode_attention; the requests after the leading run of those use
+extend_attention, so in a step that mixes prefill chunks with decodes each decode still reads
+its keys once per kv head (the extend kernel would read them once per query head, in a
+128-row tile holding one row). All host-side decisions (how many leading decodes, the number of
+KV splits, the extend kernel's query blocks) are made in prepare() from the batch's CPU lists,
+so forward() launches kernels without host syncs.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ class TritonAttention(AttentionBackend):
         self.scale = scale
         self.num_splits_override = num_splits
         self.num_splits = 1
-        self._decode = True
-        self._blocks = torch.empty(0, dtype=torch.int32)
+        self._num_decode = 0  # leading one-token requests, run by the decode kernel
+        self._blocks = torch.empty(0, dtype=torch.int32)  # the extend kernel's tiles (the rest)
         self._mid_o: torch.Tensor | None = None
         self._mid_lse: torch.Tensor | None = None
         self._h2d = HostToDevice()
@@ -38,30 +41,33 @@ class TritonAttention(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
         _, num_kv_heads, head_dim = batch.k_caches[0].shape
-        self._decode = batch.is_decode
+        ext = batch.extend_lens_cpu
+        d = next((i for i, n in enumerate(ext) if n != 1), len(ext))
+        self._num_decode = d
         self._mid_o = self._mid_lse = None
-        if self._decode:
+        if d:
+            longest = max(batch.seq_lens_cpu[:d])
             if self.num_splits_override is not None:
                 splits = self.num_splits_override
             else:
                 splits = kernels.choose_num_splits(
-                    batch.batch_size,
-                    num_kv_heads,
-                    max(batch.seq_lens_cpu),
-                    kernels.num_sms(device),
+                    d, num_kv_heads, longest, kernels.num_sms(device)
                 )
-            self.num_splits = max(1, min(splits, max(batch.seq_lens_cpu)))
-        else:
+            self.num_splits = max(1, min(splits, longest))
+        if d < len(ext):
             block_m = kernels.extend_config(head_dim, batch.k_caches[0].dtype).block_m
-            blocks = kernels.extend_blocks(batch.extend_lens_cpu, batch.seq_lens_cpu, block_m)
+            blocks = kernels.extend_blocks(ext, batch.seq_lens_cpu, block_m, first=d)
             self._blocks = self._h2d(blocks, torch.int32, device)
+        else:
+            self._blocks = torch.empty(0, dtype=torch.int32)
 
     def prepare_capture(self, batch: ForwardBatch) -> None:
         """A decode graph: splits sized for the longest context this page table can hold
         (the kernel reads each sequence's length on the device, empty splits cost little)."""
         _, num_kv_heads, _ = batch.k_caches[0].shape
         max_len = batch.page_table.shape[1] * batch.page_size
-        self._decode = True
+        self._num_decode = batch.batch_size
+        self._blocks = torch.empty(0, dtype=torch.int32)
         self._mid_o = self._mid_lse = None
         self.num_splits = self.num_splits_override or kernels.choose_num_splits(
             batch.batch_size, num_kv_heads, max_len, kernels.num_sms(batch.input_ids.device)
@@ -78,28 +84,29 @@ class TritonAttention(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = self.store_kv(k, v, layer, batch)
         out = self._empty(q.shape, q.dtype, q.device)
-        if self._decode:
+        d = self._num_decode
+        if d:
             if self.num_splits > 1 and self._mid_o is None:
                 # One scratch buffer per step, reused by every layer (same stream, same shapes).
-                bsz, hq, head_dim = q.shape
-                shape = (bsz, hq, self.num_splits)
-                self._mid_o = self._empty((*shape, head_dim), torch.float32, q.device)
+                shape = (d, q.shape[1], self.num_splits)
+                self._mid_o = self._empty((*shape, q.shape[2]), torch.float32, q.device)
                 self._mid_lse = self._empty(shape, torch.float32, q.device)
+            whole = d == q.shape[0]  # a pure decode step: no views to make
             kernels.decode_attention(
-                q,
+                q if whole else q[:d],
                 k_cache,
                 v_cache,
-                out,
-                batch.req_rows,
+                out if whole else out[:d],
+                batch.req_rows if whole else batch.req_rows[:d],
                 batch.page_table,
-                batch.seq_lens,
+                batch.seq_lens if whole else batch.seq_lens[:d],
                 batch.page_size,
                 self.scale,
                 self.num_splits,
                 self._mid_o,
                 self._mid_lse,
             )
-        else:
+        if self._blocks.numel():
             kernels.extend_attention(
                 q,
                 k_cache,

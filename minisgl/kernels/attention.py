@@ -370,16 +370,19 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, sms:
     return max(1, min(want, by_len, _MAX_SPLITS))
 
 
-def extend_blocks(extend_lens: list[int], seq_lens: list[int], block_m: int) -> list[int]:
-    """Flattened (request, first token, offset) triples, one per BLOCK_M tile of new tokens.
+def extend_blocks(
+    extend_lens: list[int], seq_lens: list[int], block_m: int, first: int = 0
+) -> list[int]:
+    """Flattened (request, first token, offset) triples, one per BLOCK_M tile of new tokens of
+    requests `first` onwards (the ones before are left to the decode kernel).
 
     Tiles are ordered by how many keys they read, most first, so the longest programs start in
     the first wave instead of trailing at the end of the grid.
     """
     tiles: list[tuple[int, int, int, int]] = []
-    tok = 0
-    for i, (n, seq) in enumerate(zip(extend_lens, seq_lens, strict=True)):
-        prefix = seq - n
+    tok = sum(extend_lens[:first])
+    for i in range(first, len(extend_lens)):
+        n, prefix = extend_lens[i], seq_lens[i] - extend_lens[i]
         tiles += [(-(prefix + min(m + block_m, n)), i, tok, m) for m in range(0, n, block_m)]
         tok += n
     tiles.sort()

@@ -21,6 +21,7 @@ import torch
 from minisgl import LLM
 from minisgl.distributed.group import destroy_tp, init_tp
 from minisgl.distributed.rendezvous import free_port
+from minisgl.engine.cuda_graph import use_decode_graphs
 from minisgl.sampling_params import SamplingParams
 from tests.checkpoints import make_checkpoint
 from tests.engine_util import assert_idle
@@ -105,6 +106,15 @@ def test_retraction_under_memory_pressure_on_two_ranks(tmp_path: Path) -> None:
             assert llm.scheduler.stats().retractions > 0
             assert_idle(llm)
     assert outs[0] == outs[1]
+
+
+def test_tensor_parallel_ranks_decode_without_cuda_graphs() -> None:
+    """Until minisgl captures NCCL through a wrapper of its own (see use_decode_graphs)."""
+    cuda = torch.device("cuda")
+    assert use_decode_graphs(cuda, disabled=False, tp_size=1)
+    assert not use_decode_graphs(cuda, disabled=False, tp_size=2)
+    assert not use_decode_graphs(cuda, disabled=True, tp_size=1)
+    assert not use_decode_graphs(torch.device("cpu"), disabled=False, tp_size=1)
 
 
 def test_a_model_that_does_not_split_is_a_clear_error(tmp_path: Path) -> None:

@@ -19,6 +19,19 @@ from minisgl.attention.base import AttentionBackend, ForwardBatch
 log = logging.getLogger(__name__)
 
 
+def use_decode_graphs(device: torch.device, disabled: bool, tp_size: int) -> bool:
+    """Whether to capture decode graphs: on CUDA unless disabled, and not yet for several ranks.
+
+    A tensor-parallel graph would capture NCCL all-reduces made through torch.distributed. That
+    has not been seen working here: the first 2-GPU run of a test capturing them did not finish
+    within 150 s (session 4; a hang not yet told apart from a slow start), and SGLang reports
+    ProcessGroupNCCL collectives in CUDA graphs desynchronising the ranks on replay
+    (sgl-project/sglang#33775), which is why vLLM and SGLang capture a thin NCCL wrapper of their
+    own. Until minisgl has one, tensor-parallel ranks decode eagerly.
+    """
+    return device.type == "cuda" and not disabled and tp_size == 1
+
+
 def graph_batch_sizes(max_bs: int) -> list[int]:
     """1, 2, 4, 8, then steps of 8 to 64, of 16 to 256, of 32 beyond, up to max_bs."""
     sizes = [1, 2, 4, *range(8, 64, 8), *range(64, 256, 16), *range(256, 1025, 32)]

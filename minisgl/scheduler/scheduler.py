@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from minisgl.config import EngineConfig
+from minisgl.engine.cuda_graph import use_decode_graphs
 from minisgl.engine.model_runner import ModelRunner
 from minisgl.engine.sampler import SampleOutput
 from minisgl.kvcache.allocator import PageAllocator
@@ -146,7 +147,7 @@ class Scheduler:
         self._token_digest = 0  # hash of every token read back (ranks compare it)
         self._in_flight: _Launched | None = None
         self.h2d = HostToDevice()
-        if runner.device.type == "cuda" and not cfg.disable_cuda_graph:
+        if use_decode_graphs(runner.device, cfg.disable_cuda_graph, self.tp.size):
             runner.capture_decode_graphs(
                 self.page_table,
                 self.pool.k_caches,
@@ -156,6 +157,8 @@ class Scheduler:
                 scratch_row=cfg.max_running_requests,
                 max_bs=min(cfg.cuda_graph_max_bs, cfg.max_running_requests),
             )
+        elif runner.device.type == "cuda" and not cfg.disable_cuda_graph and self.tp.is_leader:
+            log.info("tensor parallelism: decoding without CUDA graphs (see use_decode_graphs)")
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # in admission order: retraction takes from the end
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO

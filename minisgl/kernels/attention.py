@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.kernels.jit import jit
+from minisgl.kernels.jit import jit, jit_varying
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -103,7 +103,12 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     return acc, m_new, l_i
 
 
-@jit
+#: Arguments that follow the number of KV splits, which varies with the batch in eager decodes
+#: (mixed steps): not specialised, so no split count compiles a variant mid-run.
+_SPLIT_ARGS = ("num_splits", "stride_lb", "stride_lh")
+
+
+@jit_varying(*_SPLIT_ARGS)
 def _decode_kernel(  # type: ignore[no-untyped-def]
     Q,
     K,
@@ -191,7 +196,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
-@jit
+@jit_varying(*_SPLIT_ARGS)
 def _merge_kernel(  # type: ignore[no-untyped-def]
     MidO,
     MidLse,

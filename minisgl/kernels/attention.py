@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.kernels.jit import jit, jit_varying
+from minisgl.kernels.jit import jit
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -103,12 +103,7 @@ def _attend_tile(  # type: ignore[no-untyped-def]
     return acc, m_new, l_i
 
 
-#: Arguments that follow the number of KV splits, which varies with the batch in eager decodes
-#: (mixed steps): not specialised, so no split count compiles a variant mid-run.
-_SPLIT_ARGS = ("num_splits", "stride_lb", "stride_lh")
-
-
-@jit_varying(*_SPLIT_ARGS)
+@jit
 def _decode_kernel(  # type: ignore[no-untyped-def]
     Q,
     K,
@@ -196,7 +191,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
-@jit_varying(*_SPLIT_ARGS)
+@jit
 def _merge_kernel(  # type: ignore[no-untyped-def]
     MidO,
     MidLse,

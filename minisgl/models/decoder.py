@@ -28,6 +28,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.num_heads = tp.shard(cfg.num_heads, "attention heads")
         self.num_kv_heads = tp.shard(cfg.num_kv_heads, "key/value heads")
+        self.q_size = self.num_heads * cfg.head_dim  # this rank's part of the qkv output
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.qkv_proj = MergedLinear(
             cfg.hidden_size,
             [cfg.q_size, cfg.kv_size, cfg.kv_size],
@@ -44,7 +46,7 @@ class Attention(nn.Module):
         self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         d = self.cfg.head_dim
-        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        q_size, kv_size = self.q_size, self.kv_size
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, d)
         k = k.view(-1, self.num_kv_heads, d)

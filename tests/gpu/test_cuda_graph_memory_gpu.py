@@ -5,9 +5,9 @@ buffer allocated outside the capture (by a warm-up run, say) and freed afterward
 replay writing into memory that the caching allocator has since handed to other tensors, or
 returned to the driver. That is what ended W3 runs on the H100 (session 4): the split-KV
 partial-output buffers of the small-batch graphs were the warm-up's, freed at the first eager
-step; late in the run, with few requests left, the replays wrote into memory released under
-memory pressure (Xid 13, "Out Of Range Address"). It never showed on the H200, which had memory
-to spare and so never released any.
+step; late in the run, with few requests left, the replays faulted (Xid 13, "Out Of Range
+Address"), most likely on memory the allocator had released under memory pressure (the H200,
+with memory to spare, never showed it).
 """
 
 from __future__ import annotations

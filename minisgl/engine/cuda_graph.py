@@ -74,6 +74,11 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
+        # The warm-ups run on `stream`, but the buffers above, the page table and the KV pool
+        # were filled by kernels queued on the current stream, which may not have run yet: a
+        # warm-up reading them first sees whatever the allocator's recycled blocks held (ids far
+        # out of range after another model ran in this process).
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for bs in tqdm(
                 list(reversed(self.sizes)), desc="Capturing CUDA graphs", disable=not progress

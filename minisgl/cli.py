@@ -5,12 +5,38 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from minisgl.config import EngineConfig
 from minisgl.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from minisgl.llm import LLM
+
+
+class CliParser(argparse.ArgumentParser):
+    """A usage error is one line (the error and where the help is), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default: "(default: VALUE)" is appended to each help text
+    that does not say its default in words already; a flag without a value is off by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if re.search(r"\bdefault\b", text, re.IGNORECASE) or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0 and action.option_strings:  # store_true and the like
+            return f"{text} (default: off)"
+        if action.default is None and action.option_strings:
+            return f"{text} (default: none)"
+        return super()._get_help_string(action)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -19,13 +45,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="HF checkpoint directory or preset name "
+        help="HF checkpoint directory, .gguf file (or a directory holding one), "
+        "Hugging Face hub id (owner/name, fetched into the HF "
+        "cache: HF_HOME, HF_HUB_OFFLINE and HF_TOKEN apply) or preset name "
         "(`minisgl presets`); default: the built-in demo model (random weights)",
+    )
+    g.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a hub id (default: main)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory or .gguf file to use instead of the model's own "
+        "(default: the model's; a GGUF checkpoint's comes from the file)",
     )
     g.add_argument(
         "--dummy-weights",
         action="store_true",
-        help="random weights from the config alone (benchmarks, presets)",
+        help="random weights from the config alone (benchmarks, presets). A preset has no "
+        "tokenizer: the demo one encodes text prompts, but its output has no text (generate "
+        "and chat print the token ids; over gRPC the text is empty, read token_ids)",
     )
     g.add_argument(
         "--dtype",
@@ -119,18 +160,24 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_sampling_args(
-    parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_p: float
+    parser: argparse.ArgumentParser,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens_help: str = "most tokens to generate (as in the API)",
 ) -> None:
     """Sampling flags shared by `generate` and `chat` (with their own defaults)."""
     parser.add_argument(
-        "--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate"
+        "--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help
     )
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass")
     parser.add_argument("--top-k", type=int, default=-1, help="-1 = off")
-    parser.add_argument("--sampling-seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument(
+        "--sampling-seed", type=int, default=None, help="seed for sampling (default: a fresh one)"
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -146,34 +193,61 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def check_engine(args: argparse.Namespace) -> None:
+    """The device and attention backend can run here (one clear error, before any loading)."""
+    from minisgl.engine.preflight import check_device_and_backend
+
+    check_device_and_backend(EngineConfig.from_options(args.model, engine_options(args)))
+
+
 def _generate(args: argparse.Namespace) -> int:
     from minisgl.llm import LLM
 
+    check_engine(args)
     llm = LLM(args.model, **engine_options(args))
     params = sampling_params(args)
     prompts: list[Any] = (
         [[{"role": "user", "content": p}] for p in args.prompts] if args.chat else args.prompts
     )
     for prompt, out in zip(args.prompts, llm.generate(prompts, params), strict=True):
+        summary = f"[{len(out.token_ids)} tokens, {out.finish_reason}]"
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "prompt": prompt,
-                        "text": out.text,
-                        "token_ids": out.token_ids,
-                        "finish_reason": out.finish_reason,
-                    }
-                )
-            )
+            record: dict[str, Any] = {
+                "prompt": prompt,
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+            }
+            if out.text is None:
+                record["text_unavailable"] = llm.text_unavailable
+            print(json.dumps(record))
+        elif out.text is None:  # never an empty string in place of the answer
+            print(f"{prompt}\n  [text unavailable: {llm.text_unavailable}]")
+            print(f"  token ids: {_ids(out.token_ids)}\n  {summary}")
         else:
-            print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens, {out.finish_reason}]")
+            print(f"{prompt}{out.text}\n  {summary}")
     return 0
+
+
+def _ids(token_ids: list[int]) -> str:
+    return " ".join(map(str, token_ids)) or "(none)"
+
+
+def _reply_as_ids(llm: LLM, messages: list[dict[str, str]], params: SamplingParams) -> None:
+    """`minisgl chat` for a model whose output has no text: the reply's token ids."""
+    try:
+        out = llm.generate(messages, params)[0]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return
+    n = len(out.token_ids)
+    print(f"[text unavailable] token ids: {_ids(out.token_ids)}  [{n} tokens, {out.finish_reason}]")
 
 
 def _chat(args: argparse.Namespace) -> int:
     from minisgl.llm import LLM
 
+    check_engine(args)
     llm = LLM(args.model, **engine_options(args))
     if llm.tokenizer is None:
         print(f"{llm.model_name} has no tokenizer: nothing to chat with", file=sys.stderr)
@@ -182,6 +256,12 @@ def _chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print(f"Chatting with {llm.model_name}. /reset starts over, /exit (or Ctrl-D) quits.")
+    if llm.text_unavailable is not None:
+        print(
+            f"Text is unavailable: {llm.text_unavailable}. Replies are shown as token ids, and "
+            "each message is answered on its own (a reply without text cannot be put back into "
+            "the conversation)."
+        )
     while True:
         try:
             line = input(">>> ").strip()
@@ -195,6 +275,9 @@ def _chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)")
             continue
         if not line:
+            continue
+        if llm.text_unavailable is not None:
+            _reply_as_ids(llm, [*system, {"role": "user", "content": line}], params)
             continue
         messages.append({"role": "user", "content": line})
         reply: list[str] = []
@@ -212,8 +295,47 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for each RequestLimits field (bounds on one request's input)."""
+    from minisgl.server.config import RequestLimits
+
+    d = RequestLimits()
+    g = parser.add_argument_group("request limits (beyond them: INVALID_ARGUMENT naming the field)")
+    g.add_argument(
+        "--max-stop-strings",
+        type=int,
+        default=d.max_stop_strings,
+        help="most stop strings in a request",
+    )
+    g.add_argument(
+        "--max-stop-string-chars",
+        type=int,
+        default=d.max_stop_string_chars,
+        help="most characters in one stop string",
+    )
+    g.add_argument(
+        "--max-chat-messages",
+        type=int,
+        default=d.max_chat_messages,
+        help="most messages in a chat prompt",
+    )
+    g.add_argument(
+        "--max-role-chars",
+        type=int,
+        default=d.max_role_chars,
+        help="most characters in a chat role",
+    )
+    g.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=d.max_prompt_chars,
+        help="most characters in a text prompt or in a chat's contents, before tokenization "
+        "(default: 0, meaning 32 per token of the context length)",
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from minisgl.server.config import ServerConfig
+    from minisgl.server.config import RequestLimits, ServerConfig
     from minisgl.server.launcher import serve
 
     cfg = EngineConfig.from_options(args.model, engine_options(args))
@@ -222,16 +344,26 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_queued_requests=args.max_queued_requests,
         shutdown_grace_s=args.shutdown_grace,
+        exit_grace_s=args.exit_grace,
         max_message_bytes=args.max_message_mib * 2**20,
         max_connection_age_s=args.max_connection_age,
         log_level=args.log_level,
+        limits=RequestLimits(
+            max_stop_strings=args.max_stop_strings,
+            max_stop_string_chars=args.max_stop_string_chars,
+            max_chat_messages=args.max_chat_messages,
+            max_role_chars=args.max_role_chars,
+            max_prompt_chars=args.max_prompt_chars,
+        ),
     )
     return serve(cfg, scfg)
 
 
 def _gateway(args: argparse.Namespace) -> int:
     from minisgl.gateway import run_gateway
+    from minisgl.server.config import check_port
 
+    check_port(args.port)
     return run_gateway(args.target, args.host, args.port)
 
 
@@ -243,24 +375,38 @@ def _presets(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
-    parser = argparse.ArgumentParser(prog="minisgl", description=__doc__, parents=[common])
+    common = CliParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="how much to log",
+    )
+    parser = CliParser(prog="minisgl", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser(
         "generate", parents=[common], help="generate text for prompts with the offline engine"
     )
     gen.add_argument("prompts", nargs="+", help="prompt texts")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
-    add_sampling_args(gen, max_new_tokens=32, temperature=0.0, top_p=1.0)
+    api_max_new_tokens = SamplingParams().max_new_tokens
+    add_sampling_args(gen, api_max_new_tokens, temperature=0.0, top_p=1.0)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
     chat = sub.add_parser(
         "chat", parents=[common], help="chat with the model in the terminal (offline engine)"
     )
-    chat.add_argument("--system", default=None, help="system prompt")
-    add_sampling_args(chat, max_new_tokens=256, temperature=0.7, top_p=0.95)
+    chat.add_argument("--system", default=None, help="system prompt (default: none)")
+    add_sampling_args(
+        chat,
+        max_new_tokens=256,
+        temperature=0.7,
+        top_p=0.95,
+        max_new_tokens_help=f"most tokens per reply (the API's is {api_max_new_tokens}: chat "
+        "answers are often longer, and one cut short must be asked for again)",
+    )
     add_engine_args(chat)
     chat.set_defaults(func=_chat)
     srv = sub.add_parser(
@@ -281,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests may take to finish after SIGTERM",
     )
     srv.add_argument(
+        "--exit-grace",
+        type=float,
+        default=5.0,
+        help="seconds the server still answers (NOT_SERVING, UNAVAILABLE) after a worker "
+        "process died, before it exits with code 1 so that a supervisor restarts it "
+        "(default: %(default)s)",
+    )
+    srv.add_argument(
         "--max-message-mib", type=int, default=64, help="largest gRPC message accepted or sent, MiB"
     )
     srv.add_argument(
@@ -289,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1800.0,
         help="seconds after which connections are closed so load balancers rebalance",
     )
+    add_limit_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
     gw = sub.add_parser(
@@ -304,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         "presets", parents=[common], help="list the model configs usable with --dummy-weights"
     )
     pre.set_defaults(func=_presets)
+    for command in (parser, *sub.choices.values()):
+        command.formatter_class = HelpFormatter  # every --help shows each option's default
     return parser
 
 
@@ -319,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError) as e:
         print(f"minisgl: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        return 130
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -11,7 +12,13 @@ class EngineConfig:
     """Options that shape the engine; every CLI flag of `generate`/`serve` maps to one field."""
 
     model: str | None = None
-    """HF checkpoint directory, a preset name (see `minisgl presets`) or None for the demo model."""
+    """HF checkpoint directory, a .gguf file (or a directory holding one), a Hugging Face hub id
+    (owner/name), a preset name (see `minisgl presets`) or None for the demo model."""
+    revision: str | None = None
+    """Branch, tag or commit of a hub id; None: main."""
+    tokenizer: str | None = None
+    """A tokenizer directory or .gguf file to use instead of the model's own; None: the
+    model's (a GGUF checkpoint's is built from the file's metadata)."""
     dummy_weights: bool = False
     """Random weights from the config alone (for benchmarks), like vLLM's --load-format dummy."""
     dtype: str = "auto"
@@ -69,6 +76,8 @@ class EngineConfig:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
             )
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise ValueError(f"tokenizer: no such directory or .gguf file: {self.tokenizer}")
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
         if self.num_pages is not None and self.num_pages < 1:

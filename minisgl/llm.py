@@ -7,17 +7,20 @@ import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from minisgl.config import EngineConfig
+from minisgl.models.source import DEMO_DIR
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.request import TokenEvent
 from minisgl.scheduler.setup import launch_engine
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
+    Tokenizer,
     encode_prompt,
     tokenizer_for,
 )
@@ -32,7 +35,7 @@ class RequestOutput:
     rid: str
     prompt_token_ids: list[int]
     token_ids: list[int]
-    text: str | None  # None when the model has no tokenizer
+    text: str | None  # None when text is unavailable (LLM.text_unavailable says why)
     finish_reason: str  # "stop" | "length" | "abort"
     matched_stop: int | str | None  # the stop token id or stop string that ended it
     logprobs: list[float] | None
@@ -68,7 +71,12 @@ class LLM:
         self.max_model_len = engine.max_model_len
         self.runner = engine.runner
         self.scheduler = engine.scheduler
-        self.tokenizer = tokenizer_for(engine.source)
+        self.tokenizer = tokenizer_for(engine.source, self.config.tokenizer)
+        self.text_unavailable = _text_unavailable(
+            self.model_name, self.tokenizer, engine.source.config.vocab_size
+        )
+        """Why outputs cannot be shown as text (RequestOutput.text is None then: read its
+        token_ids), or None when they can."""
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
 
@@ -90,11 +98,13 @@ class LLM:
         stream: decode text as tokens arrive (see `stream`), not once at the end.
         """
         params = params or SamplingParams()
+        if params.stop and self.text_unavailable is not None:
+            raise ValueError(f"stop: stop strings need the output as text; {self.text_unavailable}")
         ids = encode_prompt(self.tokenizer, prompt)
         rid = f"req-{next(self._ids)}"
         self.scheduler.add_request(rid, ids, params)
         detok = None
-        if self.tokenizer is not None and (params.stop or stream):
+        if self.tokenizer is not None and self.text_unavailable is None and (params.stop or stream):
             # Stop strings need the text as it grows; otherwise it is decoded once at the end.
             detok = IncrementalDetokenizer(
                 self.tokenizer,
@@ -112,8 +122,8 @@ class LLM:
         Runs the engine until the request ends, so nothing else may be in flight; closing the
         iterator early aborts the request.
         """
-        if self.tokenizer is None:
-            raise ValueError("stream: this model has no tokenizer")
+        if self.text_unavailable is not None:
+            raise ValueError(f"stream: text is unavailable; {self.text_unavailable}")
         if self._pending:
             raise RuntimeError("stream: other requests are unfinished; finish them first")
         rid = self.submit(prompt, params, stream=True)
@@ -207,7 +217,7 @@ class LLM:
             text = p.detok.text
             if p.detok.matched_stop is not None:
                 reason, matched = "stop", p.detok.matched_stop
-        elif self.tokenizer is not None:
+        elif self.tokenizer is not None and self.text_unavailable is None:
             text = self.tokenizer.decode(p.token_ids, p.params.skip_special_tokens)
         return RequestOutput(
             rid=rid,
@@ -220,6 +230,21 @@ class LLM:
             top_logprobs=p.top_logprobs if p.params.top_logprobs else None,
             cached_tokens=p.cached_tokens,
         )
+
+
+def _text_unavailable(name: str, tok: Tokenizer | None, vocab_size: int) -> str | None:
+    """Why `name`'s outputs cannot be decoded by `tok`, or None. A model without a tokenizer of
+    its own (a preset) borrows the demo tokenizer to encode text prompts, but most of the ids it
+    generates lie beyond the demo's vocabulary, which would decode to an empty or partial text."""
+    if tok is None:
+        return f"{name} has no tokenizer"
+    demo = Path(str(getattr(tok, "name_or_path", ""))).resolve() == DEMO_DIR.resolve()
+    if demo and len(tok) < vocab_size:
+        return (
+            f"{name} has no tokenizer of its own (the demo tokenizer encodes text prompts, but "
+            f"knows only {len(tok)} of its {vocab_size} token ids)"
+        )
+    return None
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this (0 included) pick the most likely token: dividing logits by a
+tiny temperature overflows float32 (1e-40 gives inf, then NaN probabilities)."""
+
 
 @dataclass
 class SamplingParams:
     """How to pick each token and when to stop.
 
-    temperature 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p 1.0 and min_p 0.0
-    disable theirs. repetition_penalty (HF style, > 1 discourages) applies to prompt and
-    output tokens; presence and frequency penalties (OpenAI style) to output tokens only.
+    temperature 0 (or anything below GREEDY_TEMPERATURE, 1e-5) means greedy. top_k <= 0 (or
+    -1) disables top-k; top_p 1.0 and min_p 0.0 disable theirs. repetition_penalty (HF style,
+    > 1 discourages) applies to prompt and output tokens; presence and frequency penalties
+    (OpenAI style) to output tokens only.
     seed makes sampling reproducible regardless of what else is in the batch.
     """
 
@@ -36,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first invalid field."""

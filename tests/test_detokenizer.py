@@ -3,6 +3,8 @@ full decode, multi-byte characters are never split, stop strings end the text co
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -253,3 +255,130 @@ def test_stop_strings_wait_for_min_new_tokens(tok: Tokenizer) -> None:
     "".join(stream(late, ids))
     assert late.matched_stop == "STOP"
     assert late.text.startswith("ab STOP cd") and not late.text.endswith("ef")
+
+
+# ----- the stop-string automaton against a brute-force reference ---------------------------
+
+
+class BruteForceDetokenizer(IncrementalDetokenizer):
+    """The reference: every stop string searched with str.find in the text a match may start
+    in, and every tail of the unsent text tried against every stop string for the hold-back.
+    Its cost per token grows with the number (and length) of the stop strings."""
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        if self.matched_stop is not None:
+            return ""
+        self.ids.extend(token_ids)
+        if not self._decode(final=False):
+            return ""
+        self._brute_match()
+        if self.matched_stop is not None:
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - self._brute_hold())
+
+    def flush(self) -> str:
+        if self.matched_stop is None and self._read < len(self.ids):
+            self._decode(final=True)
+            self._brute_match()
+        return self._emit(len(self.text))
+
+    def _brute_match(self) -> None:
+        searched = getattr(self, "_brute_searched", 0)
+        if not self.stop or len(self.ids) < self.min_new_tokens:
+            self._brute_searched = len(self.text)
+            return
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, searched)) >= 0]
+        if hits:
+            i, s = min(hits)
+            self.text = self.text[: i + (len(s) if self.include_stop else 0)]
+            self.matched_stop = s
+        else:
+            self._brute_searched = len(self.text) - self._brute_hold()
+
+    def _brute_hold(self) -> int:
+        if not self.stop or len(self.ids) < self.min_new_tokens - 1:
+            return 0
+        tail = self.text[self._sent :]
+        for n in range(min(len(tail), max(len(s) for s in self.stop) - 1), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self.stop):
+                return n
+        return 0
+
+
+STOP_ALPHABET = list("ab c日🙂")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=st.lists(st.sampled_from(STOP_ALPHABET), max_size=30).map("".join),
+    stops=st.lists(
+        st.lists(st.sampled_from(STOP_ALPHABET), min_size=1, max_size=5).map("".join),
+        min_size=1,
+        max_size=6,
+    ),
+    include_stop=st.booleans(),
+    min_new_tokens=st.integers(0, 12),
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=8),
+)
+@example(text="ab cab", stops=["b c", "c"], include_stop=False, min_new_tokens=0, chunks=[1])
+@example(text="baa", stops=["b", "baa"], include_stop=False, min_new_tokens=2, chunks=[1])
+@example(text="aaab", stops=["aab", "ab", "a" * 3], include_stop=True, min_new_tokens=2, chunks=[2])
+def test_automaton_matches_the_brute_force_reference(
+    text: str, stops: list[str], include_stop: bool, min_new_tokens: int, chunks: list[int]
+) -> None:
+    """Same deltas, same final text, same matched stop, for several (overlapping, repeated,
+    prefix-sharing) stop strings, tokens fed in groups, and min_new_tokens."""
+    tok = demo_tokenizer()
+    ids = encode(tok, text)
+    fast = IncrementalDetokenizer(tok, stops, include_stop, min_new_tokens=min_new_tokens)
+    slow = BruteForceDetokenizer(tok, stops, include_stop, min_new_tokens=min_new_tokens)
+    pos, k = 0, 0
+    while pos < len(ids):
+        group = ids[pos : pos + chunks[k % len(chunks)]]
+        pos, k = pos + len(group), k + 1
+        assert fast.add(group) == slow.add(group), (pos, fast.text)
+        assert fast.matched_stop == slow.matched_stop
+    assert fast.flush() == slow.flush()
+    assert (fast.text, fast.matched_stop) == (slow.text, slow.matched_stop)
+
+
+def _adversarial_stops(n: int) -> list[str]:
+    """Stop strings that share long prefixes with the text below, so that every one of them
+    stays a candidate: a matcher that tries each stop string pays n times for it."""
+    return [("ab" * 400)[: 40 + 7 * i] + f"<{i}>" for i in range(n)]
+
+
+ADVERSARIAL_TEXT = ("ab" * 150 + " the quick brown fox ") * 3
+
+
+def test_matching_work_per_token_does_not_grow_with_the_stop_strings(tok: Tokenizer) -> None:
+    ids = encode(tok, ADVERSARIAL_TEXT)
+    work = {}
+    for n in (1, 64):
+        detok = IncrementalDetokenizer(tok, _adversarial_stops(n))
+        text = "".join(detok.add([i]) for i in ids) + detok.flush()
+        assert text == ADVERSARIAL_TEXT and detok.matched_stop is None
+        assert detok.automaton is not None
+        work[n] = detok.automaton.lookups
+    # Aho-Corasick: at most two transitions looked up per character, whatever the stop strings.
+    assert work[64] <= 2 * len(ADVERSARIAL_TEXT)
+    assert work[1] <= 2 * len(ADVERSARIAL_TEXT)
+
+
+def test_matching_time_per_token_does_not_grow_with_the_stop_strings(tok: Tokenizer) -> None:
+    """Wall time, generously: 2,000 stop strings (more than a server accepts) against one."""
+    ids = encode(tok, ADVERSARIAL_TEXT)
+
+    def seconds_per_run(stops: list[str]) -> float:
+        best = math.inf
+        for _ in range(3):
+            detok = IncrementalDetokenizer(tok, stops)  # built once per request: not timed
+            start = time.perf_counter()
+            for i in ids:
+                detok.add([i])
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    one = seconds_per_run(_adversarial_stops(1))
+    many = seconds_per_run(_adversarial_stops(2000))
+    assert many < 3 * one + 0.05, (many, one)

@@ -64,3 +64,16 @@ def test_masked_tokens_are_never_chosen(k: ModuleType) -> None:
         logits, torch.ones(200), row_hash(torch.arange(200), torch.zeros(200, dtype=torch.int64))
     )
     assert not (got == 7).any()
+
+
+def test_tiny_temperatures_take_the_argmax(k: ModuleType) -> None:
+    """Below GREEDY_TEMPERATURE a row is greedy: 1 / 1e-40 would overflow float32 to inf."""
+    rows, vocab = 24, 700
+    logits = 3 * torch.randn(rows, vocab, generator=torch.Generator().manual_seed(2))
+    logits[:, 0] = -50.0  # a NaN score would pick token 0
+    temp = torch.tensor([(1e-40, 1e-30, 1e-8, 5e-6, 0.0, 0.9)[i % 6] for i in range(rows)])
+    seeds, steps = torch.arange(rows), torch.zeros(rows, dtype=torch.int64)
+    got = k.sample_rows(logits, temp, row_hash(seeds, steps))
+    tiny = temp < 1e-5
+    assert torch.equal(got[tiny], logits.argmax(-1)[tiny])
+    assert not (got == 0).any()

@@ -381,3 +381,442 @@ def test_concurrent_streams_each_match_their_unary_reply(gateway: str) -> None:
     unary = [request(i, False) for i in range(n)]
     assert streamed == unary
     assert len(set(unary)) > n // 2, "seeds should make the replies differ"
+
+
+def _request(
+    url: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP request: (status, headers, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request(method, path, body, headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def _error(status: int, headers: dict[str, str], raw: bytes) -> dict[str, Any]:
+    """The OpenAI error object of an error response, checked for its shape."""
+    assert headers["Content-Type"].startswith("application/json"), (headers, raw)
+    body = json.loads(raw)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    err: dict[str, Any] = body["error"]
+    assert err["code"] == status and isinstance(err["message"], str) and err["message"]
+    return err
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "needle"),
+    [
+        ("GET", "/v1/nothing", b"", {}, 404, "no route GET /v1/nothing"),
+        ("POST", "/v1/completions/", b"{}", {}, 404, "no route"),
+        ("GET", "/v1/completions", b"", {}, 405, "method GET is not allowed"),
+        ("DELETE", "/v1/chat/completions", b"", {}, 405, "not allowed"),
+        ("POST", "/v1/models", b"{}", {}, 405, "not allowed"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', {}, 400, "NaN"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "top_p": 1e999}', {}, 400, "range"),
+        ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, {}, 400, "not valid JSON"),
+        ("POST", "/v1/completions", b'{"prompt": "\xff"}', {}, 400, "not valid JSON"),
+        ("POST", "/v1/completions", b"", {}, 400, "not valid JSON"),
+        ("POST", "/v1/completions", b"[1]", {}, 400, "a JSON object"),
+        ("POST", "/v1/completions", b'{"prompt": "x"}', {"x-request-id": "\xe9"}, 400, "ASCII"),
+        ("POST", "/v1/completions", b"{}", {"Content-Encoding": "gzip"}, 400, "could not be read"),
+        (  # a wrong charset or content type does not matter: the body is JSON (curl -d)
+            "POST",
+            "/v1/completions",
+            b'{"prompt": "x", "max_tokens": 1}',
+            {"Content-Type": "text/plain; charset=bogus"},
+            200,
+            "",
+        ),
+    ],
+)
+def test_every_error_response_is_an_openai_json_body(
+    gateway: str,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    needle: str,
+) -> None:
+    got, resp_headers, raw = _request(gateway, method, path, body, headers)
+    assert got == status, raw
+    if status == 200:
+        return
+    err = _error(got, resp_headers, raw)
+    assert needle in err["message"]
+    assert err["type"] == {404: "not_found_error"}.get(status, "invalid_request_error")
+    if status == 405:
+        assert resp_headers["Allow"] in ("POST", "GET, HEAD")
+
+
+def test_a_body_over_the_limit_is_a_413_error_object(gateway: str) -> None:
+    """Declared too long (refused before reading), and chunked past the limit (refused while
+    reading): both an OpenAI error object."""
+    from minisgl.gateway import MAX_BODY_BYTES
+
+    host, port = gateway.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+    conn.endheaders(b'{"prompt": "')
+    resp = conn.getresponse()
+    err = _error(resp.status, dict(resp.getheaders()), resp.read())
+    conn.close()
+    assert resp.status == 413 and str(MAX_BODY_BYTES) in err["message"]
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        piece = b"x" * 2**20
+        for _ in range(MAX_BODY_BYTES // len(piece) + 1):
+            yield piece
+        yield b'"}'
+
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", chunks(), encode_chunked=True)
+    resp = conn.getresponse()
+    err = _error(resp.status, dict(resp.getheaders()), resp.read())
+    conn.close()
+    assert resp.status == 413 and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "param", "needle"),
+    [  # rejected by the server; the error names the OpenAI field, not the gRPC path
+        ("completions", {"temperature": -1}, "temperature", "temperature: must be >= 0"),
+        ("completions", {"top_p": 2}, "top_p", "top_p: must be in (0, 1]"),
+        ("completions", {"presence_penalty": 3}, "presence_penalty", "presence_penalty:"),
+        ("completions", {"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty:"),
+        ("completions", {"max_tokens": 2000}, "max_tokens", "context length"),
+        ("chat", {"max_completion_tokens": 2000}, "max_completion_tokens", "context length"),
+        ("completions", {"max_tokens": 2, "min_tokens": 3}, "min_tokens", "min_tokens:"),
+        ("completions", {"stop": [""]}, "stop", "stop:"),
+        ("completions", {"stop_token_ids": [10**6]}, "stop_token_ids", "stop_token_ids:"),
+        ("completions", {"prompt": [10**6]}, "prompt", "prompt"),
+        ("completions", {"prompt": "x" * 3000}, "prompt", "context"),
+        ("chat", {"messages": [{"role": "user", "content": "x" * 9000}]}, "messages", "messages"),
+    ],
+)
+def test_server_field_errors_name_the_openai_param(
+    gateway: str, route: str, extra: dict[str, Any], param: str, needle: str
+) -> None:
+    base: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": "hi"}]} if route == "chat" else {"prompt": "x"}
+    )
+    path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
+    status, headers, raw = _request(gateway, "POST", path, json.dumps({**base, **extra}).encode())
+    assert status == 400, raw
+    err = _error(status, headers, raw)
+    assert err["param"] == param and needle in err["message"], err
+    assert not any(p in err["message"] for p in ("sampling.", "stopping.", "output.")), err
+
+
+_WRONG_VALUES: list[Any] = [
+    True,
+    0,
+    -1,
+    1.5,
+    1e300,
+    2**64,
+    "x",
+    "",
+    [],
+    ["x"],
+    [1],
+    [[1]],
+    {},
+    {"a": 1},
+    {"type": "text"},
+    [{"role": "user", "content": 5}],
+    [{"role": 5, "content": "x"}],
+    [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+    [{"role": "user", "content": "x", "extra": 1}],
+    [{"role": "x" * 100, "content": "x"}],
+    "\ud800",  # a lone surrogate: valid JSON, not text
+    [{"role": "user", "content": "\udc00"}],
+]
+_FIELDS = {
+    "completions": ["prompt", "suffix", "echo", "best_of"],
+    "chat": ["messages", "top_logprobs", "tools", "tool_choice", "response_format"],
+    "both": [
+        "model",
+        "n",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "stop",
+        "logprobs",
+        "min_tokens",
+        "ignore_eos",
+        "stop_token_ids",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
+        "logit_bias",
+        "user",
+        "metadata",
+        "store",
+    ],
+}
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_a_wrong_type_in_any_field_is_a_4xx_naming_it_never_a_500(gateway: str, route: str) -> None:
+    """Every request field, in turn, gets each of a set of wrong (or odd) values: the answer is
+    a success or a 4xx error object whose param is that field, never a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chat = route == "chat"
+    base: dict[str, Any] = {"max_tokens": 1}
+    base.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "x"})
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    cases = [(k, v) for k in [*_FIELDS[route], *_FIELDS["both"]] for v in _WRONG_VALUES]
+
+    def post(case: tuple[str, Any]) -> tuple[str, Any, int, dict[str, Any] | None]:
+        key, value = case
+        status, headers, raw = _request(
+            gateway, "POST", path, json.dumps({**base, key: value}).encode()
+        )
+        return key, value, status, None if status == 200 else _error(status, headers, raw)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(post, cases))
+    for key, value, status, err in results:
+        assert status in (200, 400, 404), (key, value, status, err)
+        if err is not None:
+            assert err["param"] == key, (key, value, err)
+    assert sum(status == 200 for *_, status, _ in results) > 20  # the odd but valid ones ran
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "value"),
+    [
+        ("chat", "logit_bias", {"5": 10}),
+        ("completions", "logit_bias", {"5": 10}),
+        ("chat", "response_format", {"type": "json_object"}),
+        ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("chat", "tool_choice", "auto"),
+        ("chat", "functions", [{"name": "f"}]),
+        ("chat", "function_call", "auto"),
+        ("chat", "parallel_tool_calls", True),
+        ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+        ("chat", "modalities", ["text", "audio"]),
+        ("chat", "prediction", {"type": "content", "content": "x"}),
+        ("chat", "reasoning_effort", "high"),
+        ("chat", "verbosity", "low"),
+        ("chat", "web_search_options", {}),
+        ("chat", "service_tier", "flex"),
+        ("completions", "echo", True),
+        ("completions", "suffix", "tail"),
+        ("completions", "best_of", 3),
+        ("completions", "use_beam_search", True),  # any other field: unrecognized
+        ("chat", "prompt", "x"),
+        ("chat", "echo", True),
+    ],
+)
+def test_unsupported_parameters_are_a_400_naming_them(
+    gateway: str, route: str, field: str, value: Any
+) -> None:
+    chat = route == "chat"
+    base: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "x"}
+    )
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    status, headers, raw = _request(
+        gateway, "POST", path, json.dumps({**base, field: value}).encode()
+    )
+    assert status == 400, raw
+    err = _error(status, headers, raw)
+    assert err["param"] == field and "not supported" in err["message"], err
+    assert err["message"].startswith(f"{field}:")
+
+
+def test_unsupported_message_fields_and_stream_options_are_a_400(gateway: str) -> None:
+    for message in (
+        {"role": "user", "content": "hi", "name": "bob"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+    ):
+        status, headers, raw = _request(
+            gateway, "POST", "/v1/chat/completions", json.dumps({"messages": [message]}).encode()
+        )
+        err = _error(status, headers, raw)
+        assert status == 400 and err["param"] == "messages", err
+    for opts, stream in (
+        ({"continuous_usage_stats": True}, True),
+        ({"include_usage": True}, False),
+    ):
+        body = {"prompt": "x", "stream": stream, "stream_options": opts}
+        status, headers, raw = _request(
+            gateway, "POST", "/v1/completions", json.dumps(body).encode()
+        )
+        err = _error(status, headers, raw)
+        assert status == 400 and err["param"] == "stream_options", err
+
+
+def test_no_op_values_and_output_neutral_fields_are_accepted(gateway: str) -> None:
+    """Fields whose value asks for nothing, and fields that do not change the output (user,
+    metadata, store, ...), change nothing: the reply equals a plain one."""
+    plain = {"messages": [{"role": "user", "content": "Same?"}], "max_tokens": 8, "temperature": 0}
+    extras = {
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "tools": [],
+        "tool_choice": "none",
+        "modalities": ["text"],
+        "service_tier": "auto",
+        "user": "u-1",
+        "metadata": {"k": "v"},
+        "store": False,
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "parallel_tool_calls": None,
+    }
+    replies = []
+    for body in (plain, {**plain, **extras}):
+        status, raw = _post(gateway + "/v1/chat/completions", body)
+        assert status == 200, raw
+        replies.append(json.loads(raw)["choices"][0]["message"]["content"])
+    assert replies[0] == replies[1]
+    body = {"prompt": "Same?", "max_tokens": 8, "temperature": 0}
+    status, raw = _post(gateway + "/v1/completions", body)
+    status2, raw2 = _post(
+        gateway + "/v1/completions", {**body, "echo": False, "suffix": "", "best_of": 1}
+    )
+    assert status == status2 == 200, raw2
+    assert json.loads(raw)["choices"][0]["text"] == json.loads(raw2)["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the demo's full context (2048): requests that surely run for seconds."""
+    with run_server(tmp_path_factory.mktemp("gw-long-server")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def long_gateway(long_server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with run_gateway(long_server, tmp_path_factory.mktemp("long-gateway")) as url:
+        yield url
+
+
+def test_a_request_id_already_in_flight_is_a_409(long_gateway: str, long_server: Server) -> None:
+    """While a call with x-request-id "twice" runs (2,000 tokens: seconds, far longer than the
+    server waits for an id to be released), another with that id is a 409 error object."""
+    host, port = long_gateway.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"prompt": "go on", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"x-request-id": "twice"})
+    resp = conn.getresponse()
+    try:
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        status, headers, raw = _request(
+            long_gateway, "POST", "/v1/completions", b'{"prompt": "x"}', {"x-request-id": "twice"}
+        )
+        err = _error(status, headers, raw)
+        assert status == 409 and err["type"] == "conflict_error" and "twice" in err["message"]
+    finally:
+        conn.close()
+    with long_server.client() as c:
+        wait_idle(c)
+
+
+def test_every_grpc_status_maps_to_a_chosen_http_status() -> None:
+    import grpc
+
+    from minisgl.gateway import _STATUS
+
+    assert set(_STATUS) == set(grpc.StatusCode) - {grpc.StatusCode.OK}
+    want = {
+        "INVALID_ARGUMENT": 400,
+        "UNAUTHENTICATED": 401,
+        "NOT_FOUND": 404,
+        "ALREADY_EXISTS": 409,
+        "RESOURCE_EXHAUSTED": 429,
+        "UNAVAILABLE": 503,
+        "DEADLINE_EXCEEDED": 504,
+        "INTERNAL": 500,
+        "UNKNOWN": 500,
+    }
+    assert {name: _STATUS[grpc.StatusCode[name]][0] for name in want} == want
+
+
+def test_client_disconnect_from_a_non_streaming_request_aborts_it(
+    long_gateway: str, long_server: Server
+) -> None:
+    """The HTTP client of a long unary request (2,000 tokens) hangs up: the server aborts the
+    request (its log says so, it leaves the load, its KV pages are released) at once instead
+    of running it out."""
+    with long_server.client() as grpc_client:
+        wait_idle(grpc_client)
+        host, port = long_gateway.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = {"prompt": "go on", "max_tokens": 2000, "ignore_eos": True}
+        headers = {"x-request-id": "unary-hang-up"}
+        conn.request("POST", "/v1/completions", json.dumps(body), headers)
+        wait_until(lambda: grpc_client.load().running_requests == 1, 15, "the request to run")
+        conn.close()  # hang up before the reply
+        wait_until(
+            lambda: "aborting unary-hang-up" in long_server.log(), 10, "the abort in the log"
+        )
+        load = wait_idle(grpc_client, timeout=10)
+        assert load.inflight_requests == 0 and load.kv_cache_busy == 0.0
+
+
+def _gateway_cmd(*flags: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "minisgl.cli", "gateway", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_a_busy_port_or_a_bad_host_is_one_clear_line_and_exit_2() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [
+            (("--port", str(port)), "in use"),
+            (("--host", "192.0.2.1", "--port", str(port)), "not an address of this machine"),
+            (("--host", "a..b"), "cannot resolve"),
+        ]
+        for flags, needle in cases:
+            out = _gateway_cmd("--target", "127.0.0.1:1", *flags)
+            assert out.returncode == 2, (flags, out.stderr)
+            lines = out.stderr.strip().splitlines()
+            assert len(lines) == 1 and needle in lines[0], (flags, out.stderr)
+            assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_a_server_that_is_not_there_is_a_503_error_object() -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    target = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cmd = [sys.executable, "-m", "minisgl.cli", "gateway", "--target", target]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _status(url + "/health") == 503, 60, "the gateway to answer")
+        status, headers, raw = _request(url, "POST", "/v1/completions", b'{"prompt": "x"}')
+        err = _error(status, headers, raw)
+        assert status == 503 and err["type"] == "service_unavailable"
+    finally:
+        proc.terminate()
+        proc.wait(20)

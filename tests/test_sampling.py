@@ -21,11 +21,12 @@ from minisgl.engine.sampler import (
     Penalties,
     SamplingBatch,
     apply_penalties,
+    filtered_probs,
     sample,
     uniform_noise,
 )
 from minisgl.llm import LLM, RequestOutput
-from minisgl.sampling_params import SamplingParams
+from minisgl.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 from tests.checkpoints import load_hf
 from tests.engine_util import assert_idle
 
@@ -65,7 +66,7 @@ def make_batch(
     k = _column(top_k, n, torch.int64)
     p = _column(top_p, n, torch.float32)
     mp = _column(min_p, n, torch.float32)
-    sampled = temp > 0
+    sampled = temp >= GREEDY_TEMPERATURE
     return SamplingBatch(
         temperature=temp,
         top_k=torch.where(k > 0, k, vocab),
@@ -161,6 +162,36 @@ def test_greedy_rows_stay_argmax_in_a_sampled_batch() -> None:
     assert torch.equal(ids[greedy], logits.argmax(-1)[greedy])
     # The sampled rows really sample: at temperature 1.5 most do not pick the argmax.
     assert (ids[~greedy] != logits.argmax(-1)[~greedy]).float().mean() > 0.5
+
+
+TINY = [1e-40, 1e-30, 1e-8, 5e-6]  # all below GREEDY_TEMPERATURE; 1e-40 overflows 1 / T
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5, "top_p": 0.9, "min_p": 0.05}])
+def test_tiny_temperatures_sample_greedily_beside_sampled_rows(filters: dict[str, Any]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    n = 120
+    logits = torch.randn(n, 200, generator=gen) * 4
+    logits[:, 0] = -50.0  # NaN probabilities would pick token 0: it must never be chosen
+    temperature = [(*TINY, 0.8)[i % 5] for i in range(n)]
+    sb = make_batch(n, 200, temperature=temperature, **filters)
+    assert not sb.all_greedy
+    tiny = torch.tensor(temperature) < GREEDY_TEMPERATURE
+    ids = sample(logits, sb).token_ids
+    assert torch.equal(ids[tiny], logits.argmax(-1)[tiny])
+    assert not (ids == 0).any()
+    assert torch.isfinite(filtered_probs(logits, sb)).all()
+    # Just above the threshold the temperature is used as it is: still no overflow.
+    sb = make_batch(n, 200, temperature=2 * GREEDY_TEMPERATURE, **filters)
+    assert torch.equal(sample(logits, sb).token_ids, logits.argmax(-1))
+    assert torch.isfinite(filtered_probs(logits, sb)).all()
+
+
+def test_tiny_temperature_params_are_greedy() -> None:
+    for t in (0.0, *TINY):
+        assert SamplingParams(temperature=t).greedy
+    assert not SamplingParams(temperature=GREEDY_TEMPERATURE).greedy
+    assert not SamplingParams(temperature=0.01).greedy
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -555,6 +586,21 @@ def test_same_seed_same_tokens_alone_and_in_any_batch(llm: LLM) -> None:
         batch.insert(position, (PROMPTS[0], params))
         outs = llm.generate([p for p, _ in batch], [s for _, s in batch])
         assert outs[position].token_ids == alone, f"at position {position} of the batch"
+    assert_idle(llm)
+
+
+def test_tiny_temperatures_give_the_greedy_tokens(llm: LLM) -> None:
+    """Temperatures 1e-40 and 1e-8 (valid: > 0) give exactly the greedy tokens, also in a
+    batch with sampled requests, which keep their seeded tokens."""
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
+    sampled = seeded(4321, temperature=0.9)
+    alone = llm.generate(PROMPTS[1], sampled)[0].token_ids
+    for t in (1e-40, 1e-8):
+        tiny = SamplingParams(temperature=t, max_new_tokens=10, ignore_eos=True)
+        assert [o.token_ids for o in llm.generate(PROMPTS, tiny)] == expected, t
+        outs = llm.generate([*PROMPTS, PROMPTS[1]], [tiny, sampled, tiny, sampled])
+        assert [o.token_ids for o in outs] == [expected[0], alone, expected[2], alone], t
     assert_idle(llm)
 
 

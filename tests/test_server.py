@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 import subprocess
 import threading
@@ -21,6 +22,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from minisgl.cli import build_parser
+from minisgl.ipc.messages import ModelInfo
+from minisgl.server import convert
+from minisgl.server.config import RequestLimits
 from minisgl.v1 import (
     common_pb2,
     generation_pb2,
@@ -383,6 +388,46 @@ BAD_REQUESTS: dict[str, tuple[generation_pb2.GenerateRequest, str]] = {
         ),
         "prompt.text",
     ),
+    "65 stop strings (the limit is 64)": (
+        generation_pb2.GenerateRequest(prompt=_P, stopping={"stop": [f"s{i}" for i in range(65)]}),
+        "stopping.stop",
+    ),
+    "a stop string of 1025 characters": (
+        generation_pb2.GenerateRequest(prompt=_P, stopping={"stop": ["ok", "x" * 1025]}),
+        "stopping.stop",
+    ),
+    "4097 chat messages": (
+        generation_pb2.GenerateRequest(
+            prompt=common_pb2.Prompt(chat={"messages": [{"role": "user", "content": "a"}] * 4097})
+        ),
+        "prompt.chat",
+    ),
+    "a chat role of 65 characters": (
+        generation_pb2.GenerateRequest(
+            prompt=common_pb2.Prompt(
+                chat={
+                    "messages": [
+                        {"role": "user", "content": "hi"},
+                        {"role": "r" * 65, "content": "hi"},
+                    ]
+                }
+            )
+        ),
+        "prompt.chat[1].role",
+    ),
+    "chat contents of more characters than 32 x the context": (
+        generation_pb2.GenerateRequest(
+            prompt=common_pb2.Prompt(
+                chat={
+                    "messages": [
+                        {"role": "system", "content": "x" * (16 * MAX_MODEL_LEN)},
+                        {"role": "user", "content": "y" * (16 * MAX_MODEL_LEN + 1)},
+                    ]
+                }
+            )
+        ),
+        "prompt.chat",
+    ),
     "max_new_tokens 0": (
         generation_pb2.GenerateRequest(prompt=_P, stopping={"max_new_tokens": 0}),
         "stopping.max_new_tokens",
@@ -437,6 +482,60 @@ def test_bad_input_is_invalid_argument_naming_the_field(
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
             assert (err.value.details() or "").startswith(field_name + ":"), err.value.details()
     _assert_still_serving(client)
+
+
+def test_request_limits_come_from_the_server_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """The limits are RequestLimits fields, set by `minisgl serve` flags (help shows their
+    defaults); at a limit a request passes, one over it gets an error naming the field."""
+    flags = {"stop-strings": 2, "stop-string-chars": 3, "chat-messages": 2, "role-chars": 4}
+    flags["prompt-chars"] = 10
+    argv = ["serve", *(x for k, v in flags.items() for x in (f"--max-{k}", str(v)))]
+    args = build_parser().parse_args(argv)
+    limits = RequestLimits(*(getattr(args, "max_" + k.replace("-", "_")) for k in flags))
+    assert limits == RequestLimits(2, 3, 2, 4, 10)  # the flags in the fields' order
+    info = ModelInfo(
+        model="demo", architecture="llama", context_length=MAX_MODEL_LEN, vocab_size=2048,
+        eos_token_ids=[2], has_tokenizer=True, dtype="float32", device="cpu",
+        attention_backend="torch", page_size=16, kv_cache_tokens=4096, radix_cache=True,
+        chunked_prefill_size=256, max_running_requests=8,
+    )  # fmt: skip
+
+    def request(prompt: common_pb2.Prompt = _P, **stopping: Any) -> generation_pb2.GenerateRequest:
+        return generation_pb2.GenerateRequest(prompt=prompt, stopping=stopping)
+
+    def chat(*messages: tuple[str, str]) -> common_pb2.Prompt:
+        return common_pb2.Prompt(
+            chat={"messages": [{"role": r, "content": c} for r, c in messages]}
+        )
+
+    at_limits = request(common_pb2.Prompt(text="x" * 10), stop=["abc", "d"])
+    assert convert.to_generate_req(at_limits, "r", info, limits).params.stop == ["abc", "d"]
+    assert convert.prompt_parts(chat(("user", "12345"), ("sys", "67890")), info, limits)[1]
+    over = [
+        ("stopping.stop", request(stop=["a", "b", "c"])),
+        ("stopping.stop", request(stop=["abcd"])),
+        ("prompt.text", request(common_pb2.Prompt(text="x" * 11))),
+        ("prompt.chat", request(chat(("user", "a"), ("user", "b"), ("user", "c")))),
+        ("prompt.chat[1].role", request(chat(("user", "a"), ("robot", "b")))),
+        ("prompt.chat", request(chat(("user", "12345"), ("user", "678901")))),
+    ]
+    for field_name, bad in over:
+        with pytest.raises(ValueError, match=rf"^{re.escape(field_name)}: "):
+            convert.to_generate_req(bad, "r", info, limits)
+    # The defaults, as documented in the .proto and in --help.
+    assert convert.to_generate_req(at_limits, "r", info).params.stop == ["abc", "d"]
+    with pytest.raises(ValueError, match=r"^stopping\.stop: at most 64 "):
+        convert.to_generate_req(request(stop=["s"] * 65), "r", info)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    serve_help = " ".join(capsys.readouterr().out.split())
+    for flag, default in [
+        ("--max-stop-strings", "64"), ("--max-stop-string-chars", "1024"),
+        ("--max-chat-messages", "4096"), ("--max-role-chars", "64"),
+    ]:  # fmt: skip
+        assert re.search(rf"{flag} \S+ [^-]*\(default: {default}\)", serve_help), flag
+    with pytest.raises(ValueError, match=r"^--max-stop-strings: must be >= 1"):
+        RequestLimits(max_stop_strings=0)
 
 
 def _raw_generate_request(prompt_text: bytes, request_id: bytes = b"") -> bytes:
@@ -537,6 +636,56 @@ def test_stop_string_is_trimmed_in_stream_and_unary(client: Client) -> None:
     assert unary.text == expected == _joined(deltas)[1]
     assert (unary.finish_reason, unary.matched_stop) == ("stop", stop)
     assert (deltas[-1].finish_reason, deltas[-1].matched_stop) == ("stop", stop)
+
+
+def test_stop_string_waits_for_min_new_tokens(client: Client) -> None:
+    """A stop string found in the first min_new_tokens tokens does not end the request (the
+    detokenizer applies min_new_tokens as the offline API does)."""
+    free = client.generate("min tokens", max_new_tokens=24, **GREEDY)
+    stop = free.text[1:3]
+    assert stop and free.text.index(stop) <= 1
+    early = client.generate("min tokens", max_new_tokens=24, stop=[stop], **GREEDY)
+    assert len(early.token_ids) < 12, "pick another prompt: the stop must match early"
+    held = client.generate(
+        "min tokens", max_new_tokens=24, min_new_tokens=12, stop=[stop], **GREEDY
+    )
+    assert len(held.token_ids) >= 12
+    assert held.token_ids[:12] == free.token_ids[:12]
+
+
+def test_stop_strings_at_the_limits_are_accepted(client: Client) -> None:
+    """64 stop strings of 1024 characters each: accepted, matched as a single one is."""
+    free = client.generate("stop limits", max_new_tokens=24, **GREEDY)
+    stop = free.text[4:7]
+    assert stop
+    stops = [("long " * 300)[: 1024 - len(f"{i}")] + f"{i}" for i in range(63)] + [stop]
+    assert len(stops) == 64 and max(len(x) for x in stops) == 1024
+    unary = client.generate("stop limits", max_new_tokens=24, stop=stops, **GREEDY)
+    assert (unary.finish_reason, unary.matched_stop) == ("stop", stop)
+    assert unary.text == free.text[: free.text.index(stop)]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-8])
+def test_tiny_temperature_gives_the_greedy_tokens(client: Client, temperature: float) -> None:
+    """Temperatures > 0 but below 1e-5 are greedy (1 / 1e-40 overflows float32), also while
+    sampled requests share the batch."""
+    prompt = "tiny temperatures"
+    greedy = client.generate(prompt, max_new_tokens=16, **GREEDY).token_ids
+    options = {"max_new_tokens": 16, "ignore_eos": True}
+    sampled_alone = client.generate(prompt, temperature=0.9, seed=5, **options).token_ids
+    with ThreadPoolExecutor(8) as pool:
+        tiny = [
+            pool.submit(client.generate, prompt, temperature=temperature, **options)
+            for _ in range(4)
+        ]
+        sampled = [
+            pool.submit(client.generate, prompt, temperature=0.9, seed=5, **options)
+            for _ in range(4)
+        ]
+        assert [f.result().token_ids for f in tiny] == [greedy] * 4
+        assert [f.result().token_ids for f in sampled] == [sampled_alone] * 4
+    stream = list(client.stream(prompt, temperature=temperature, **options))
+    assert _joined(stream)[0] == greedy
 
 
 # ----- metadata, model info ----------------------------------------------------------------

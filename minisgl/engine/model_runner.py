@@ -59,7 +59,7 @@ class ModelRunner:
         if source.weights_dir is None:
             init_dummy_weights(self.model, cfg.seed)
         else:
-            load_weights(self.model, source.weights_dir, progress=self.progress)
+            load_weights(self.model, source, progress=self.progress)
         backend = resolve_backend(cfg.attention_backend, self.device.type)
         self.attn: AttentionBackend = create_backend(backend, mc.head_dim**-0.5)
         log.info(

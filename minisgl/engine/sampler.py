@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from minisgl.kernels import gpu_kernels
+from minisgl.sampling_params import GREEDY_TEMPERATURE
 
 _MASK32 = 0xFFFFFFFF
 
@@ -31,7 +32,7 @@ class Penalties:
 class SamplingBatch:
     """Tensors describing how each row of a [B, vocab] logits matrix is sampled."""
 
-    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    temperature: torch.Tensor  # [B] float32, below GREEDY_TEMPERATURE (e.g. 0) = greedy
     top_k: torch.Tensor  # [B] int64, vocab_size when disabled
     top_p: torch.Tensor  # [B] float32
     min_p: torch.Tensor  # [B] float32
@@ -72,7 +73,8 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         ids = logits.argmax(dim=-1)
     else:
         greedy_ids = logits.argmax(dim=-1)
-        ids = torch.where(sb.temperature == 0, greedy_ids, _sample_random(logits, sb))
+        greedy = sb.temperature < GREEDY_TEMPERATURE
+        ids = torch.where(greedy, greedy_ids, _sample_random(logits, sb))
     if sb.want_logprobs or sb.top_logprobs:
         logprobs = raw.gather(1, ids[:, None]).squeeze(1)
     return SampleOutput(ids, logprobs, top_ids, top_lps)
@@ -109,9 +111,14 @@ def apply_penalties(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
 
 
 def filtered_probs(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
-    """Softmax at each row's temperature, with mass outside top-k / top-p / min-p set to zero."""
-    temp = torch.where(sb.temperature > 0, sb.temperature, 1.0)
-    probs = torch.softmax(logits / temp[:, None], dim=-1)
+    """Softmax at each row's temperature, with mass outside top-k / top-p / min-p set to zero.
+
+    Greedy rows (temperature below GREEDY_TEMPERATURE) get the softmax at temperature 1; the
+    others are scaled in float32 by 1 / T <= 1e5, far from overflow for any real logits.
+    """
+    temp = sb.temperature.float()
+    temp = torch.where(temp < GREEDY_TEMPERATURE, 1.0, temp)
+    probs = torch.softmax(logits.float() / temp[:, None], dim=-1)
     if sb.use_min_p:
         threshold = sb.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)

@@ -3,6 +3,10 @@
 Flow: frontend -> tokenizer -> scheduler -> detokenizer -> frontend, plus replies to the
 frontend (errors, model info, load, tokenize results) and aborts from the detokenizer to
 the scheduler when a stop string matches.
+
+Every `rid` is the frontend's internal id of one call, unique for the life of the server and
+never reused; the client's `request_id` is a label that stays in the frontend. So nothing a
+worker sends about one call can reach another, even one that reuses a cancelled call's label.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ class DeltaBatch(msgspec.Struct, tag=True):
 
 
 class ReqError(msgspec.Struct, tag=True):
-    """-> frontend: a request failed. code: "invalid_argument" or "internal"."""
+    """-> frontend: a request failed. code: "invalid_argument" (the client's input) or
+    "internal" (an unexpected error in a worker, logged there with its traceback)."""
 
     rid: str
     code: str
@@ -131,12 +136,14 @@ class TokenizeCall(msgspec.Struct, tag=True):
 
 
 class TokenizeResult(msgspec.Struct, tag=True):
-    """tokenizer -> frontend: the answer to a TokenizeCall (error set if it failed)."""
+    """tokenizer -> frontend: the answer to a TokenizeCall (error set if it failed, with a
+    code as in ReqError)."""
 
     call_id: int
     token_ids: list[int] | None = None
     text: str | None = None
     error: str | None = None
+    code: str = "invalid_argument"
 
 
 class WorkerReady(msgspec.Struct, tag=True):

@@ -1,10 +1,12 @@
-"""Build a CausalLM and fill it from safetensors checkpoints (single or sharded) or randomly."""
+"""Build a CausalLM and fill it from a checkpoint (safetensors, single or sharded, or GGUF) or
+randomly."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,9 +16,10 @@ from tqdm import tqdm
 from minisgl.distributed.group import TPGroup
 from minisgl.layers.embedding import VocabShard
 from minisgl.layers.linear import MergedLinear
-from minisgl.models.config import ModelConfig, load_json
+from minisgl.models.config import ModelConfig
 from minisgl.models.decoder import CausalLM
 from minisgl.models.errors import ModelLoadError
+from minisgl.models.source import ModelSource, checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -61,53 +64,59 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, from its index if sharded."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = load_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelLoadError(f"{index}: missing or empty 'weight_map'")
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise ModelLoadError(f"{model_dir}: no *.safetensors files found")
-    for f in files:
-        if not f.is_file():
-            raise ModelLoadError(f"missing checkpoint shard: {f}")
-    return files
-
-
-def load_weights(model: CausalLM, model_dir: Path, progress: bool = True) -> None:
-    """Copy each checkpoint tensor (this rank's slice of it) into its (maybe fused) parameter;
-    check shapes and coverage."""
+def load_weights(model: CausalLM, source: ModelSource, progress: bool = True) -> None:
+    """Copy each checkpoint tensor of `source` (safetensors or GGUF; this rank's slice of it)
+    into its (maybe fused) parameter; check shapes and coverage."""
+    assert source.weights_dir is not None, "dummy weights have no checkpoint to load"
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     expected = _expected_tensors(model)
     loaded: set[str] = set()
-    files = checkpoint_files(model_dir)
-    for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    if name.endswith(_IGNORED_SUFFIXES):
-                        continue
-                    if name not in expected:
-                        log.warning("%s: ignoring unexpected tensor %s", path.name, name)
-                        continue
-                    _copy_tensor(name, f.get_tensor(name), params, modules, path)
-                    loaded.add(name)
-        except SafetensorError as e:
-            raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
+    for path, name, read in _checkpoint_tensors(source, model.cfg, progress):
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name not in expected:
+            log.warning("%s: ignoring unexpected tensor %s", path.name, name)
+            continue
+        _copy_tensor(name, read(), params, modules, path)
+        loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if model.cfg.tie_word_embeddings and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ModelLoadError(
-            f"{model_dir}: {len(missing)} tensors missing from checkpoint: {shown}"
-        )
+        where = source.gguf_file or source.weights_dir
+        raise ModelLoadError(f"{where}: {len(missing)} tensors missing from checkpoint: {shown}")
+
+
+TensorReader = Callable[[], torch.Tensor]
+
+
+def _checkpoint_tensors(
+    source: ModelSource, cfg: ModelConfig, progress: bool
+) -> Iterator[tuple[Path, str, TensorReader]]:
+    """(file, HF tensor name, a function reading the tensor) for every checkpoint tensor."""
+    if source.gguf_file is not None:
+        from minisgl.models.gguf import gguf_tensors
+
+        path = source.gguf_file
+        tensors = gguf_tensors(path, cfg)
+        for name, tensor in tqdm(tensors, desc="Loading GGUF", unit="tensor", disable=not progress):
+            yield path, name, _ready(tensor)
+        return
+    assert source.weights_dir is not None
+    files = checkpoint_files(source.weights_dir)
+    for path in tqdm(files, desc="Loading weights", unit="file", disable=not progress):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield path, name, functools.partial(f.get_tensor, name)
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def _ready(tensor: torch.Tensor) -> TensorReader:
+    return lambda: tensor
 
 
 def _expected_tensors(model: CausalLM) -> dict[str, tuple[str, int | None]]:

@@ -1,8 +1,17 @@
-"""The scheduler process: loads the model, warms up, then serves requests from ZeroMQ."""
+"""The scheduler process: loads the model, warms up, then serves requests from ZeroMQ.
+
+Faults: an error while handling one request's message (`add_request`: it checks everything
+before it queues the request, so a failure leaves the scheduler as it was) fails that request
+alone; bad input with "invalid_argument", anything else with "internal" and a logged traceback.
+An error in a step (planning, the batched forward, sampling, reading tokens back) or in an
+abort (both change the KV pages and batches every running request shares) is an engine fault:
+the process logs it and exits with code 1, and the frontend fails every request and exits.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import zmq
@@ -11,6 +20,7 @@ from minisgl.config import EngineConfig
 from minisgl.ipc.messages import (
     AbortReq,
     Load,
+    Message,
     ModelInfo,
     NewReq,
     ReqError,
@@ -85,6 +95,18 @@ def _to_out(ev: TokenEvent, params: SamplingParams | None) -> TokenOut:
     )
 
 
+def add_request(sched: Scheduler, msg: NewReq) -> ReqError | None:
+    """Queue one request; a ReqError for the frontend if it cannot run. Never raises."""
+    try:
+        sched.add_request(msg.rid, msg.input_ids, msg.params)
+    except ValueError as e:
+        return ReqError(msg.rid, "invalid_argument", str(e))
+    except Exception as e:
+        log.exception("unexpected error adding request %s", msg.rid)
+        return ReqError(msg.rid, "internal", f"internal error: {type(e).__name__}: {e}")
+    return None
+
+
 def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, tp_port: int | None = None) -> None:
     """Load, warm up, announce ModelInfo, then loop: take messages, step, send outputs.
 
@@ -100,22 +122,31 @@ def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, tp_port: int | None =
     to_frontend = Sender(ctx, endpoints.frontend)
     to_frontend.send(model_info(engine))
     log.info("scheduler ready")
+    try:
+        _serve(sched, inbox, to_detok, to_frontend)
+    except Exception:
+        log.exception("engine fault: the scheduler exits and every request fails")
+        sys.exit(1)
+    ctx.destroy(linger=0)
+    engine.close()
+
+
+def _serve(sched: Scheduler, inbox: Receiver, to_detok: Sender, to_frontend: Sender) -> None:
+    """The serving loop, until Shutdown."""
     new_params: dict[str, SamplingParams] = {}  # requests whose first output is not out yet
     last_load: Load | None = None
     last_load_time = 0.0
     while True:
-        msgs = inbox.recv_all(0 if sched.has_work() else 50)
+        msgs: list[Message] = inbox.recv_all(0 if sched.has_work() else 50)
         for msg in msgs:
             if isinstance(msg, Shutdown):
-                ctx.destroy(linger=0)
-                engine.close()
                 return
             if isinstance(msg, NewReq):
-                try:
-                    sched.add_request(msg.rid, msg.input_ids, msg.params)
+                error = add_request(sched, msg)
+                if error is None:
                     new_params[msg.rid] = msg.params
-                except ValueError as e:
-                    to_frontend.send(ReqError(msg.rid, "invalid_argument", str(e)))
+                else:
+                    to_frontend.send(error)
             elif isinstance(msg, AbortReq) and sched.abort(msg.rid):
                 new_params.pop(msg.rid, None)
                 abort = TokenOut(msg.rid, -1, None, None, "abort", None, 0, 0)

@@ -62,7 +62,7 @@ def build_engine(cfg: EngineConfig, rank: int = 0, port: int | None = None) -> E
     With cfg.tp_size > 1 every rank calls this (rank 0 being the leader) with the same
     rendezvous `port` on 127.0.0.1; the other ranks then run `Scheduler.follow`.
     """
-    source = resolve_model(cfg.model, cfg.dummy_weights)
+    source = resolve_model(cfg.model, cfg.dummy_weights, cfg.revision, cfg.progress and rank == 0)
     max_len = source.context_length(cfg.max_model_len)
     device = rank_device(cfg, rank)
     tp = TPGroup()
@@ -98,7 +98,8 @@ def launch_engine(cfg: EngineConfig) -> Engine:
     """The engine in this process as rank 0, with the other ranks started as child processes."""
     if cfg.tp_size == 1:
         return build_engine(cfg)
-    problem = resolve_model(cfg.model, cfg.dummy_weights).config.tp_problem(cfg.tp_size)
+    source = resolve_model(cfg.model, cfg.dummy_weights, cfg.revision, cfg.progress)
+    problem = source.config.tp_problem(cfg.tp_size)
     if problem is not None:
         raise ValueError(f"tp_size: {problem}")
     port = free_port()

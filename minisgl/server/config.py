@@ -2,7 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one request's input, checked by the frontend (server/convert.py) before
+    anything is tokenized; beyond them a request gets INVALID_ARGUMENT naming the field."""
+
+    max_stop_strings: int = 64
+    """stopping.stop: most stop strings."""
+    max_stop_string_chars: int = 1024
+    """stopping.stop: most characters in one stop string."""
+    max_chat_messages: int = 4096
+    """prompt.chat: most messages."""
+    max_role_chars: int = 64
+    """prompt.chat[i].role: most characters in a role."""
+    max_prompt_chars: int = 0
+    """prompt.text, or the contents of prompt.chat summed: most characters; 0 means
+    PROMPT_CHARS_PER_TOKEN per token of the context length."""
+
+    def __post_init__(self) -> None:
+        """Raise ValueError, naming the flag, on a limit below 1 (0 for --max-prompt-chars)."""
+        names = ("max_stop_strings", "max_stop_string_chars", "max_chat_messages", "max_role_chars")
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+        if self.max_prompt_chars < 0:
+            raise ValueError("--max-prompt-chars: must be >= 0 (0: 32 per context token)")
+
+    def prompt_chars(self, context_length: int) -> int:
+        """The most prompt characters for a model of `context_length` tokens."""
+        return self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * context_length
+
+
+PROMPT_CHARS_PER_TOKEN = 32
+"""Far more than any tokenizer's characters per token: a longer prompt cannot fit."""
 
 
 @dataclass(frozen=True)
@@ -15,8 +51,37 @@ class ServerConfig:
     """Requests waiting for their first token beyond which new ones get RESOURCE_EXHAUSTED."""
     shutdown_grace_s: float = 30.0
     """After SIGTERM, how long in-flight requests may take to finish."""
+    exit_grace_s: float = 5.0
+    """After a worker dies (in-flight calls failed, health NOT_SERVING), how long the server
+    still answers before it exits with code 1 so that its supervisor restarts it."""
     max_message_bytes: int = 64 * 2**20
     """Largest gRPC message accepted or sent."""
     max_connection_age_s: float = 1800.0
     """Connections are closed (gracefully) after this long, so load balancers can rebalance."""
     log_level: str = "INFO"
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """Bounds on each request's input."""
+
+    def __post_init__(self) -> None:
+        """Raise ValueError, naming the flag, on a value the server cannot run with."""
+        check_port(self.port)
+        if not self.host:
+            raise ValueError("--host: must be a host name or an address (0.0.0.0: all), not ''")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"--max-queued-requests: must be >= 1, not {self.max_queued_requests}")
+        if not 0 <= self.shutdown_grace_s < math.inf:
+            grace = self.shutdown_grace_s
+            raise ValueError(f"--shutdown-grace: must be a finite number >= 0, not {grace}")
+        if not 0 <= self.exit_grace_s < math.inf:
+            raise ValueError(f"--exit-grace: must be a finite number >= 0, not {self.exit_grace_s}")
+        if self.max_message_bytes < 1:
+            raise ValueError("--max-message-mib: must be >= 1")
+        if not 0 < self.max_connection_age_s < math.inf:
+            age = self.max_connection_age_s
+            raise ValueError(f"--max-connection-age: must be a finite number > 0, not {age}")
+
+
+def check_port(port: int, flag: str = "--port") -> None:
+    """Raise ValueError unless `port` is a TCP port one can listen on (1..65535)."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{flag}: must be in 1..65535, not {port}")

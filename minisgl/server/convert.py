@@ -8,6 +8,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from minisgl.ipc.messages import Delta, GenerateReq, ModelInfo
 from minisgl.sampling_params import SamplingParams
+from minisgl.server.config import RequestLimits
 from minisgl.v1 import common_pb2, generation_pb2
 
 MAX_TOP_LOGPROBS = 20
@@ -22,13 +23,29 @@ FINISH_REASONS = {
 AnyGenerateRequest = generation_pb2.GenerateRequest | generation_pb2.StreamGenerateRequest
 
 
-def to_generate_req(req: AnyGenerateRequest, rid: str, info: ModelInfo) -> GenerateReq:
-    """Validate a Generate/StreamGenerate request; ValueError names the offending field."""
-    text, chat, ids = prompt_parts(req.prompt, info)
+def to_generate_req(
+    req: AnyGenerateRequest, rid: str, info: ModelInfo, limits: RequestLimits | None = None
+) -> GenerateReq:
+    """Validate a Generate/StreamGenerate request; ValueError names the offending field.
+
+    This is the one place that checks `limits` (the offline API has none: its caller is the
+    operator); the scheduler validates the sampling parameters again, not the limits."""
+    limits = limits or RequestLimits()
+    text, chat, ids = prompt_parts(req.prompt, info, limits)
     s, st, out = req.sampling, req.stopping, req.output
     if out.top_logprobs > MAX_TOP_LOGPROBS:
         raise ValueError(
             f"output.top_logprobs: at most {MAX_TOP_LOGPROBS} (got {out.top_logprobs})"
+        )
+    if len(st.stop) > limits.max_stop_strings:
+        raise ValueError(
+            f"stopping.stop: at most {limits.max_stop_strings} stop strings (got {len(st.stop)})"
+        )
+    long = next((i for i, x in enumerate(st.stop) if len(x) > limits.max_stop_string_chars), None)
+    if long is not None:
+        raise ValueError(
+            f"stopping.stop: stop string {long} has {len(st.stop[long])} characters, "
+            f"at most {limits.max_stop_string_chars}"
         )
     params = SamplingParams(
         temperature=s.temperature if s.HasField("temperature") else 1.0,
@@ -75,18 +92,23 @@ def _validate_params(params: SamplingParams, vocab: int) -> None:
 
 
 def prompt_parts(
-    prompt: common_pb2.Prompt, info: ModelInfo
+    prompt: common_pb2.Prompt, info: ModelInfo, limits: RequestLimits | None = None
 ) -> tuple[str | None, list[dict[str, str]] | None, list[int] | None]:
     """(text, chat, token_ids) of a Prompt, exactly one set; ValueError if invalid."""
+    limits = limits or RequestLimits()
     kind = prompt.WhichOneof("kind")
     limit = info.context_length
+    max_chars = limits.prompt_chars(limit)
     if kind == "text":
         if not prompt.text:
             raise ValueError("prompt.text: must not be empty")
         if not info.has_tokenizer:
             raise ValueError("prompt.text: this model has no tokenizer; send prompt.token_ids")
-        if len(prompt.text) > 32 * limit:
-            raise ValueError(f"prompt.text: {len(prompt.text)} characters is far over the context")
+        if len(prompt.text) > max_chars:
+            raise ValueError(
+                f"prompt.text: {len(prompt.text)} characters, at most {max_chars} "
+                f"(far over the context length {limit})"
+            )
         return prompt.text, None, None
     if kind == "token_ids":
         ids = list(prompt.token_ids.ids)
@@ -103,16 +125,30 @@ def prompt_parts(
             )
         return None, None, ids
     if kind == "chat":
-        msgs = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
-        if not msgs:
+        messages = prompt.chat.messages
+        if not messages:
             raise ValueError("prompt.chat: needs at least one message")
+        if len(messages) > limits.max_chat_messages:
+            raise ValueError(
+                f"prompt.chat: at most {limits.max_chat_messages} messages (got {len(messages)})"
+            )
         if not info.has_tokenizer:
             raise ValueError("prompt.chat: this model has no tokenizer; send prompt.token_ids")
-        if any(not m["role"] for m in msgs):
-            raise ValueError("prompt.chat: every message needs a role")
-        if sum(len(m["content"]) for m in msgs) > 32 * limit:
-            raise ValueError("prompt.chat: far over the context length")
-        return None, msgs, None
+        for i, m in enumerate(messages):
+            if not m.role:
+                raise ValueError(f"prompt.chat: every message needs a role (message {i})")
+            if len(m.role) > limits.max_role_chars:
+                raise ValueError(
+                    f"prompt.chat[{i}].role: {len(m.role)} characters, "
+                    f"at most {limits.max_role_chars}"
+                )
+        chars = sum(len(m.content) for m in messages)
+        if chars > max_chars:
+            raise ValueError(
+                f"prompt.chat: {chars} characters of content, at most {max_chars} "
+                f"(far over the context length {limit})"
+            )
+        return None, [{"role": m.role, "content": m.content} for m in messages], None
     raise ValueError("prompt: set one of text, token_ids or chat")
 
 

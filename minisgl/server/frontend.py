@@ -3,11 +3,17 @@
 It never imports torch. Requests go to the tokenizer worker; deltas come back from the
 detokenizer; model info, load and errors come from the scheduler. Client cancellation and
 deadlines turn into an abort that frees the request's KV pages in the scheduler.
+
+Each call gets an internal id of its own (a counter, never reused) under which the workers
+know it; the client's request_id is only a label, echoed back, unique among calls in flight.
+If a worker dies, every pending call (generation, Tokenize, Detokenize) fails at once with
+INTERNAL, and new ones get UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import uuid
@@ -56,6 +62,10 @@ _CODES = {
     "internal": grpc.StatusCode.INTERNAL,
 }
 TOKENIZE_TIMEOUT_S = 30.0
+"""A Tokenize / Detokenize call the (live) tokenizer has not answered by then: UNAVAILABLE."""
+LABEL_RELEASE_S = 1.0
+"""How long a new call waits for the server to see the cancellation of an in-flight call with
+the same request_id (the client may have cancelled it just before)."""
 #: Workers that announce themselves with WorkerReady (the scheduler sends ModelInfo instead).
 READY_WORKERS = frozenset({"tokenizer", "detokenizer"})
 
@@ -73,9 +83,14 @@ class Frontend:
         self.info: ModelInfo | None = None
         self.load = Load(0, 0, 0.0, 0.0, 0.0, 0)
         self.requests: dict[str, asyncio.Queue[Delta | ReqError]] = {}
+        """In-flight generation calls by internal id."""
+        self.labels: dict[str, tuple[str, asyncio.Future[bool]]] = {}
+        """Client request_id -> the in-flight call with it: (internal id, a future set when
+        the call ends, True if it was abandoned: cancelled, deadline passed, stream dropped)."""
         self.awaiting_first: set[str] = set()
         self.calls: dict[int, asyncio.Future[TokenizeResult]] = {}
         self._call_ids = itertools.count()
+        self._rids = itertools.count(1)
         self.workers_ready: set[str] = set()
         self.ready = asyncio.Event()
         """Set once the scheduler is warm and the tokenizer and detokenizer are loaded."""
@@ -92,7 +107,11 @@ class Frontend:
     async def receive_loop(self) -> None:
         """Dispatch everything the workers send to the frontend."""
         while True:
-            self._dispatch(await self.inbox.recv())
+            msg = await self.inbox.recv()
+            try:
+                self._dispatch(msg)
+            except Exception:  # one bad message must not stop the dispatch of all others
+                log.exception("cannot dispatch %s", type(msg).__name__)
 
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, DeltaBatch):
@@ -138,9 +157,14 @@ class Frontend:
             return
         log.error("engine failure: %s", why)
         self.state = "failed"
-        await self.set_health(False)
         for rid, queue in self.requests.items():
             queue.put_nowait(ReqError(rid, "internal", f"engine failure: {why}"))
+        for call_id, fut in self.calls.items():
+            if not fut.done():
+                fut.set_result(
+                    TokenizeResult(call_id, error=f"engine failure: {why}", code="internal")
+                )
+        await self.set_health(False)
 
     async def drain(self) -> None:
         self.state = "draining"
@@ -164,14 +188,16 @@ class Frontend:
     ) -> AsyncIterator[Delta]:
         """Validate, submit and yield deltas until the request finishes; abort if abandoned."""
         info = await self.check_available(context)
-        rid = request.request_id or uuid.uuid4().hex
+        label = request.request_id or uuid.uuid4().hex
+        rid = str(next(self._rids))
         try:
-            convert.check_request_id(rid)
-            msg = convert.to_generate_req(request, rid, info)
+            convert.check_request_id(label)
+            msg = convert.to_generate_req(request, rid, info, self.cfg.limits)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if rid in self.requests:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid} is in flight")
+        if label in self.labels:
+            await self._wait_label(label, context)
+            info = await self.check_available(context)  # it may have changed meanwhile
         if len(self.awaiting_first) >= self.cfg.max_queued_requests:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -181,10 +207,13 @@ class Frontend:
         # places the others took (else several pass the check above at once).
         queue: asyncio.Queue[Delta | ReqError] = asyncio.Queue()
         self.requests[rid] = queue
+        ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.labels[label] = (rid, ended)
         self.awaiting_first.add(rid)
         finished = sent = False
         try:
-            await context.send_initial_metadata((("x-request-id", rid),))
+            await context.send_initial_metadata((("x-request-id", label),))
+            log.debug("request %s is call %s", label, rid)
             self.to_tokenizer.send(msg)
             sent = True
             while True:
@@ -197,25 +226,58 @@ class Frontend:
                     )
                 assert isinstance(item, Delta)
                 finished = item.finish_reason is not None
+                item.rid = label  # the client knows its call by its label
                 yield item
                 if finished:
                     return
         finally:
             del self.requests[rid]
+            if label in self.labels and self.labels[label][0] == rid:
+                del self.labels[label]
+            ended.set_result(not finished)
             self.awaiting_first.discard(rid)
             if sent and not finished:  # cancelled, deadline passed, or the stream was dropped
-                log.info("aborting %s", rid)
+                log.info("aborting %s (call %s)", label, rid)
                 self.to_tokenizer.send(AbortReq(rid))
 
-    async def tokenize(self, call: TokenizeCall) -> TokenizeResult:
+    async def _wait_label(self, label: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """ALREADY_EXISTS unless the call that has `label` is abandoned within LABEL_RELEASE_S.
+
+        A client may cancel a call and at once reuse its id: the server may just not have
+        processed the cancellation yet (it reaches the frontend apart from the new call). A
+        call that goes on, or finishes, was really in flight: the new one is a duplicate.
+        """
+        held = self.labels.get(label)
+        abandoned = False
+        if held is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                abandoned = await asyncio.wait_for(asyncio.shield(held[1]), LABEL_RELEASE_S)
+        if not abandoned or label in self.labels:  # still there, or another call took it
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {label} is in flight")
+
+    async def tokenize(
+        self, call: TokenizeCall, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> TokenizeResult:
+        """The tokenizer's answer; aborts the call with the mapped status if it failed."""
         call.call_id = next(self._call_ids)
         fut: asyncio.Future[TokenizeResult] = asyncio.get_running_loop().create_future()
         self.calls[call.call_id] = fut
         self.to_tokenizer.send(call)
         try:
-            return await asyncio.wait_for(fut, TOKENIZE_TIMEOUT_S)
+            result = await asyncio.wait_for(fut, TOKENIZE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            result = None
         finally:
             self.calls.pop(call.call_id, None)
+        if result is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the tokenizer did not answer within {TOKENIZE_TIMEOUT_S:.0f} s",
+            )
+            raise AssertionError("unreachable")
+        if result.error is not None:
+            await context.abort(_CODES.get(result.code, grpc.StatusCode.INTERNAL), result.error)
+        return result
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -328,12 +390,11 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     ) -> model_pb2.TokenizeResponse:
         info = await self.fe.check_available(context)
         try:
-            text, chat, ids = convert.prompt_parts(request.prompt, info)
+            text, chat, ids = convert.prompt_parts(request.prompt, info, self.fe.cfg.limits)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        result = await self.fe.tokenize(TokenizeCall(0, text=text, chat=chat, token_ids=ids))
-        if result.error is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
+        call = TokenizeCall(0, text=text, chat=chat, token_ids=ids)
+        result = await self.fe.tokenize(call, context)
         return model_pb2.TokenizeResponse(token_ids=result.token_ids or [])
 
     async def Detokenize(
@@ -344,9 +405,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         call = TokenizeCall(
             0, token_ids=list(request.token_ids), detokenize=True, skip_special_tokens=skip
         )
-        result = await self.fe.tokenize(call)
-        if result.error is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
+        result = await self.fe.tokenize(call, context)
         return model_pb2.DetokenizeResponse(text=result.text or "")
 
 
@@ -446,6 +505,8 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(cfg.shutdown_grace_s * 1000)),
+        # No second server on a busy port (gRPC's default lets two share it, alternating calls).
+        ("grpc.so_reuseport", 0),
     ]
 
 

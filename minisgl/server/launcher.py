@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import importlib
 import logging
 import multiprocessing
@@ -17,10 +18,12 @@ import multiprocessing.process
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import Collection
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,8 @@ from minisgl.server.config import ServerConfig
 log = logging.getLogger(__name__)
 
 CHILD_JOIN_S = 10.0
+PREFLIGHT_S = 300.0
+"""Longest the device check may take (it imports torch and the backend's library)."""
 FOLLOWER_PREFIX = "scheduler_rank"
 
 
@@ -99,17 +104,18 @@ class Workers:
         """Ask each worker in `ready` to exit, then make sure every one has.
 
         A worker that is still loading has not bound its socket yet and would never get the
-        message (we would wait CHILD_JOIN_S for nothing): it is killed at once instead.
+        message (we would wait CHILD_JOIN_S for nothing): it is killed at once instead, as is
+        every worker after a failure (`ready` empty).
         """
         import zmq
 
         ctx = zmq.Context()
         for name, proc in self.procs.items():
-            if name.startswith(FOLLOWER_PREFIX):
+            if name.startswith(FOLLOWER_PREFIX) and "scheduler" in ready:
                 continue  # no socket: the scheduler stops them as it exits (else killed below)
             if name not in ready:
                 if proc.is_alive():
-                    log.info("%s is still starting; killing it", name)
+                    log.info("%s is not ready or the server failed; killing it", name)
                     proc.kill()
                 continue
             sock = ctx.socket(zmq.PUSH)
@@ -133,9 +139,14 @@ async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) ->
 
     fe = Frontend(scfg, endpoints)
     server = build_server(fe)
-    address = f"{scfg.host}:{scfg.port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address}")
+    address = grpc_address(scfg.host, scfg.port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
+    if bound == 0:  # check_address passed, so something took the port since
+        fe.zmq.destroy(linger=0)
+        raise ValueError(f"--host {scfg.host} --port {scfg.port}: cannot listen on {address}")
     await fe.set_health(False)
     await server.start()
     log.info("listening on %s (NOT_SERVING until the model is warm)", address)
@@ -146,41 +157,139 @@ async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) ->
         loop.add_signal_handler(sig, stop.set)
     receiver = asyncio.create_task(fe.receive_loop())
     code = 0
+    failed_at: float | None = None
     try:
         while not stop.is_set():
             if fe.ready.is_set() and fe.state == "starting":
                 await fe.mark_serving()
             why = workers.dead()
-            if why is not None and fe.state != "failed":
+            if why is not None and failed_at is None:
                 await fe.fail(why)
                 code = 1
+                failed_at = time.monotonic()
+                log.error("exiting in %.1f s (--exit-grace)", scfg.exit_grace_s)
+            if failed_at is not None and time.monotonic() - failed_at >= scfg.exit_grace_s:
+                break  # a server that can no longer serve lets its supervisor restart it
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
         log.info("shutting down: draining %d requests", len(fe.requests))
-        await fe.drain()
+        if failed_at is None:
+            await fe.drain()
         deadline = time.monotonic() + scfg.shutdown_grace_s
         while fe.requests and time.monotonic() < deadline and workers.dead() is None:
             await asyncio.sleep(0.05)
         await server.stop(grace=1.0)
     finally:
         receiver.cancel()
-        workers.stop(fe.ready_workers())
+        workers.stop(fe.ready_workers() if failed_at is None else ())  # failed: kill the rest
         fe.zmq.destroy(linger=0)
     log.info("stopped")
     return code
 
 
 def check_model(cfg: EngineConfig) -> None:
-    """Fail fast, in this process and before listening: the model resolves and splits."""
-    source = resolve_model(cfg.model, cfg.dummy_weights)
+    """Fail fast, in this process and before listening: the model resolves, splits over
+    --tp-size and has its weight files."""
+    source = resolve_model(cfg.model, cfg.dummy_weights, cfg.revision, cfg.progress)
     problem = source.config.tp_problem(cfg.tp_size)
     if problem is not None:
         raise ValueError(f"--tp-size: {problem}")
+    source.check_weights()
+
+
+def _preflight_child(cfg: EngineConfig, conn: Connection) -> None:
+    """Child process of check_device: sends None, or the reason cfg cannot run here."""
+    try:
+        from minisgl.engine.preflight import check_device_and_backend
+
+        check_device_and_backend(cfg)
+        conn.send(None)
+    except ValueError as e:
+        conn.send(str(e))
+    except Exception as e:  # e.g. a CUDA driver error: still one line, not a traceback
+        conn.send(f"--device {cfg.device}: the device check failed: {type(e).__name__}: {e}")
+    conn.close()
+
+
+def check_device(cfg: EngineConfig, level: str) -> None:
+    """Fail fast, before listening: the device exists and the attention backend imports and
+    runs on it (minisgl.engine.preflight). That needs torch, which this process never imports,
+    so it runs in a short-lived child; only when cfg names something that may be missing
+    (the defaults, auto device and backend, fall back to what is there)."""
+    if cfg.device in ("auto", "cpu") and cfg.attention_backend in ("auto", "torch"):
+        return
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    args = ("minisgl.server.launcher", "_preflight_child", level, (cfg, send))
+    proc = ctx.Process(target=_child_main, args=args, name="preflight", daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(PREFLIGHT_S):
+            raise ValueError(
+                f"--device {cfg.device}: the device check took over {PREFLIGHT_S:.0f} s"
+            )
+        try:
+            problem = recv.recv()
+        except EOFError:
+            proc.join(CHILD_JOIN_S)
+            problem = f"--device {cfg.device}: the device check exited with code {proc.exitcode}"
+    finally:
+        recv.close()
+        proc.join(CHILD_JOIN_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def grpc_address(host: str, port: int) -> str:
+    """host:port as gRPC reads it (an IPv6 address in brackets)."""
+    bare = host.removeprefix("[").removesuffix("]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail fast, before listening: `host` is an address of this machine and no process
+    listens on `port` there.
+
+    gRPC binds with SO_REUSEPORT, so without this check a second server on a busy port would
+    start and share the port with the first (connections alternating between them). The probe
+    sets SO_REUSEADDR as gRPC does, so it fails where gRPC's bind would, and also where a
+    server listens: connections of a previous server in TIME_WAIT do not count.
+    """
+    bare = host.removeprefix("[").removesuffix("]")
+    try:
+        infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    bindable = 0
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ValueError(f"--port {port}: already in use on {host}") from None
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue
+                raise ValueError(f"--host {host} --port {port}: cannot listen ({e})") from None
+            bindable += 1
+    if bindable == 0:
+        raise ValueError(f"--host {host}: not an address of this machine")
 
 
 def serve(cfg: EngineConfig, scfg: ServerConfig) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the process exit code."""
+    """Run the server until SIGTERM/SIGINT; returns the process exit code.
+
+    What can be checked before listening is (ValueError / ModelLoadError, one line each):
+    the model, its weight files and --tp-size, the device and attention backend, the address.
+    """
     check_model(cfg)
+    check_device(cfg, scfg.log_level)
+    check_address(scfg.host, scfg.port)
     setup_logging(scfg.log_level)
     root = Path(tempfile.mkdtemp(prefix="minisgl-"))
     os.chmod(root, 0o700)

@@ -4,12 +4,18 @@ The tokenizer turns GenerateReqs into token ids (overlapping with the scheduler'
 work), checks what needs the token count, and forwards aborts in order. The detokenizer
 turns the scheduler's token ids into UTF-8-safe text deltas, matches stop strings (and
 asks the scheduler to abort a request that hit one) and sends deltas to the frontend.
+
+Neither lets one request end the process: bad input (ValueError, a chat template that
+refuses the conversation) fails that request with "invalid_argument"; any other exception
+while handling one request is logged with its traceback and fails that request alone with
+"internal". Only faults outside per-request handling (the sockets) end the worker.
 """
 
 from __future__ import annotations
 
 import logging
 
+import jinja2
 import zmq
 
 from minisgl.config import EngineConfig
@@ -18,6 +24,7 @@ from minisgl.ipc.messages import (
     Delta,
     DeltaBatch,
     GenerateReq,
+    Message,
     NewReq,
     ReqError,
     Shutdown,
@@ -50,11 +57,57 @@ def _prompt_of(
     return ids or []
 
 
+def _encode(tok: Tokenizer | None, prompt: Prompt) -> list[int]:
+    """encode_prompt, with a chat template's refusal (jinja2 TemplateError, as raised by
+    templates that call `raise_exception`) as a ValueError naming `prompt.chat`. A template
+    that does not compile is the model's fault, not the request's: it stays an error."""
+    try:
+        return encode_prompt(tok, prompt)
+    except jinja2.TemplateSyntaxError:
+        raise
+    except jinja2.TemplateError as e:
+        raise ValueError(f"prompt.chat: the model's chat template refused it: {e}") from e
+
+
+def _internal(e: Exception) -> str:
+    return f"internal error: {type(e).__name__}: {e}"
+
+
+def tokenizer_reply(
+    tok: Tokenizer | None, msg: Message, vocab: int, max_model_len: int
+) -> Message | None:
+    """What the tokenizer sends for one message: a NewReq or the AbortReq (to the scheduler),
+    a ReqError or a TokenizeResult (to the frontend), or None. Never raises."""
+    try:
+        if isinstance(msg, AbortReq):
+            return msg
+        if isinstance(msg, GenerateReq):
+            ids = _encode(tok, _prompt_of(msg.text, msg.chat, msg.token_ids))
+            _check_length(ids, msg, vocab, max_model_len)
+            return NewReq(msg.rid, ids, msg.params)
+        if isinstance(msg, TokenizeCall):
+            return _tokenize_call(tok, msg, vocab)
+        return None
+    except ValueError as e:
+        return _failure(msg, "invalid_argument", str(e))
+    except Exception as e:
+        log.exception("unexpected error in the tokenizer while handling %s", type(msg).__name__)
+        return _failure(msg, "internal", _internal(e))
+
+
+def _failure(msg: Message, code: str, message: str) -> Message | None:
+    if isinstance(msg, GenerateReq):
+        return ReqError(msg.rid, code, message)
+    if isinstance(msg, TokenizeCall):
+        return TokenizeResult(msg.call_id, error=message, code=code)
+    return None
+
+
 def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
     """Tokenize requests and answer Tokenize/Detokenize calls until Shutdown."""
-    source = resolve_model(cfg.model, cfg.dummy_weights)
+    source = resolve_model(cfg.model, cfg.dummy_weights, cfg.revision)
     max_model_len = source.context_length(cfg.max_model_len)
-    tok = tokenizer_for(source)
+    tok = tokenizer_for(source, cfg.tokenizer)
     vocab = source.config.vocab_size
     ctx = zmq.Context()
     inbox = Receiver(ctx, endpoints.tokenizer)
@@ -66,18 +119,13 @@ def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
         msg = inbox.recv(None)
         if isinstance(msg, Shutdown):
             break
-        if isinstance(msg, AbortReq):
-            to_scheduler.send(msg)
-        elif isinstance(msg, GenerateReq):
-            try:
-                ids = encode_prompt(tok, _prompt_of(msg.text, msg.chat, msg.token_ids))
-                _check_length(ids, msg, vocab, max_model_len)
-            except ValueError as e:
-                to_frontend.send(ReqError(msg.rid, "invalid_argument", str(e)))
-                continue
-            to_scheduler.send(NewReq(msg.rid, ids, msg.params))
-        elif isinstance(msg, TokenizeCall):
-            to_frontend.send(_tokenize_call(tok, msg, vocab))
+        if msg is None:
+            continue
+        reply = tokenizer_reply(tok, msg, vocab, max_model_len)
+        if isinstance(reply, NewReq | AbortReq):
+            to_scheduler.send(reply)
+        elif reply is not None:
+            to_frontend.send(reply)
     ctx.destroy(linger=0)
 
 
@@ -99,23 +147,21 @@ def _check_length(ids: list[int], msg: GenerateReq, vocab: int, max_model_len: i
 
 
 def _tokenize_call(tok: Tokenizer | None, call: TokenizeCall, vocab: int) -> TokenizeResult:
-    try:
-        if call.detokenize:
-            ids = call.token_ids or []
-            if tok is None:
-                raise ValueError("this model has no tokenizer")
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"token_ids: ids must be below the vocabulary size {vocab}")
-            return TokenizeResult(call.call_id, text=tok.decode(ids, call.skip_special_tokens))
-        prompt = _prompt_of(call.text, call.chat, call.token_ids)
-        return TokenizeResult(call.call_id, token_ids=encode_prompt(tok, prompt))
-    except ValueError as e:
-        return TokenizeResult(call.call_id, error=str(e))
+    if call.detokenize:
+        ids = call.token_ids or []
+        if tok is None:
+            raise ValueError("this model has no tokenizer")
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"token_ids: ids must be below the vocabulary size {vocab}")
+        return TokenizeResult(call.call_id, text=tok.decode(ids, call.skip_special_tokens))
+    prompt = _prompt_of(call.text, call.chat, call.token_ids)
+    return TokenizeResult(call.call_id, token_ids=_encode(tok, prompt))
 
 
 def run_detokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
     """Turn StepOuts into DeltaBatches until Shutdown."""
-    tok = tokenizer_for(resolve_model(cfg.model, cfg.dummy_weights))
+    source = resolve_model(cfg.model, cfg.dummy_weights, cfg.revision)
+    tok = tokenizer_for(source, cfg.tokenizer)
     ctx = zmq.Context()
     inbox = Receiver(ctx, endpoints.detokenizer)
     to_frontend = Sender(ctx, endpoints.frontend)
@@ -129,17 +175,40 @@ def run_detokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
             break
         if not isinstance(msg, StepOut):
             continue
-        deltas = []
-        for out in msg.outputs:
-            delta = _detokenize(tok, states, out)
-            if delta is None:
-                continue
-            if delta.finish_reason is not None and out.finish_reason is None:
-                to_scheduler.send(AbortReq(out.rid))  # a stop string matched
-            deltas.append(delta)
+        deltas, errors, aborts = detokenize_step(tok, states, msg)
+        for abort in aborts:
+            to_scheduler.send(abort)
         if deltas:
             to_frontend.send(DeltaBatch(deltas))
+        for error in errors:
+            to_frontend.send(error)
     ctx.destroy(linger=0)
+
+
+def detokenize_step(
+    tok: Tokenizer | None, states: dict[str, IncrementalDetokenizer | None], step: StepOut
+) -> tuple[list[Delta], list[ReqError], list[AbortReq]]:
+    """One step's deltas and failed requests (for the frontend) and the aborts for the
+    scheduler (a stop string matched, or the request failed here). Never raises: an
+    unexpected error in one request's output fails that request alone."""
+    deltas: list[Delta] = []
+    errors: list[ReqError] = []
+    aborts: list[AbortReq] = []
+    for out in step.outputs:
+        try:
+            delta = _detokenize(tok, states, out)
+        except Exception as e:
+            log.exception("unexpected error in the detokenizer for request %s", out.rid)
+            states.pop(out.rid, None)  # its later outputs are dropped until the abort lands
+            errors.append(ReqError(out.rid, "internal", _internal(e)))
+            aborts.append(AbortReq(out.rid))
+            continue
+        if delta is None:
+            continue
+        if delta.finish_reason is not None and out.finish_reason is None:
+            aborts.append(AbortReq(out.rid))  # a stop string matched
+        deltas.append(delta)
+    return deltas, errors, aborts
 
 
 def _detokenize(
@@ -149,7 +218,7 @@ def _detokenize(
     if out.params is not None and tok is not None:
         p = out.params
         states[out.rid] = IncrementalDetokenizer(
-            tok, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
+            tok, p.stop, p.include_stop_str_in_output, p.skip_special_tokens, p.min_new_tokens
         )
     elif out.params is not None:
         states[out.rid] = None

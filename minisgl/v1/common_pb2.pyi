@@ -57,7 +57,9 @@ class Prompt(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """Plain text, tokenized with the model's tokenizer."""
+    """Plain text, tokenized with the model's tokenizer. At most 32 characters per token of
+    the context length (the server's --max-prompt-chars can set another bound).
+    """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds:
         """Token ids, used as they are (each must be below the vocabulary size)."""
@@ -65,7 +67,8 @@ class Prompt(_message.Message):
     @_builtins.property
     def chat(self) -> Global___ChatMessages:
         """A conversation rendered with the model's chat template, with the
-        assistant's turn opened (add_generation_prompt).
+        assistant's turn opened (add_generation_prompt). Its contents, summed, have the same
+        character bound as text.
         """
 
     def __init__(
@@ -118,7 +121,7 @@ class ChatMessages(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
-        """The messages, oldest first."""
+        """The messages, oldest first; at most 4096 (--max-chat-messages)."""
 
     def __init__(
         self,
@@ -142,7 +145,9 @@ class ChatMessage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """"system", "user" or "assistant" (any role the chat template accepts)."""
+    """"system", "user" or "assistant" (any role the chat template accepts); non-empty, at
+    most 64 characters (--max-role-chars).
+    """
     content: _builtins.str
     """The message text."""
     def __init__(
@@ -174,7 +179,9 @@ class SamplingOptions(_message.Message):
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Softmax temperature, >= 0; 0 means greedy. Default 1.0."""
+    """Softmax temperature, >= 0; 0 means greedy, and so does anything below 1e-5 (dividing
+    by a tinier temperature would overflow). Default 1.0.
+    """
     top_p: _builtins.float
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p,
     in (0, 1]. Default 1.0 (off).
@@ -268,7 +275,10 @@ class StoppingOptions(_message.Message):
     """Keep the matched stop string at the end of the text. Default false (trimmed)."""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Stop when the text contains any of these (matched on the detokenized text)."""
+        """Stop when the text contains any of these (matched on the detokenized text). At most
+        64 (--max-stop-strings), each non-empty and at most 1024 characters
+        (--max-stop-string-chars).
+        """
 
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

@@ -32,7 +32,12 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen id (at most 128 characters); empty: the server makes one.
-    The id is also returned in the `x-request-id` response metadata.
+    The id is also returned in the `x-request-id` response metadata. It is a label: the
+    server tracks each call under an internal id of its own, so no output of one call can
+    reach another. It must be unique among the server's calls in flight (ALREADY_EXISTS
+    otherwise) and may be reused as soon as the call that had it has ended, also by a
+    cancellation or a passed deadline (a new call waits up to 1 s for the server to see
+    the old one's cancellation).
     """
     @_builtins.property
     def prompt(self) -> _common_pb2.Prompt:
@@ -135,7 +140,10 @@ class StreamGenerateRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Optional client-chosen id (at most 128 characters); empty: the server makes one."""
+    """Optional client-chosen id (at most 128 characters); empty: the server makes one.
+    A label, as in GenerateRequest.request_id: unique among calls in flight, reusable once
+    the call that had it has ended.
+    """
     @_builtins.property
     def prompt(self) -> _common_pb2.Prompt:
         """The prompt (required)."""

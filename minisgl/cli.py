@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, get_args, get_type_hints
 
 from minisgl.config import EngineConfig
 from minisgl.sampling_params import SamplingParams
@@ -40,123 +40,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for every EngineConfig field; help text comes from the field docs below."""
+    """One flag per EngineConfig field, all taken from the field: its name (`--page-size` for
+    page_size, or the `flag` of its metadata), type, default, choices and help text."""
     g = parser.add_argument_group("engine")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="HF checkpoint directory, .gguf file (or a directory holding one), "
-        "Hugging Face hub id (owner/name, fetched into the HF "
-        "cache: HF_HOME, HF_HUB_OFFLINE and HF_TOKEN apply) or preset name "
-        "(`minisgl presets`); default: the built-in demo model (random weights)",
-    )
-    g.add_argument(
-        "--revision",
-        default=None,
-        help="branch, tag or commit of a hub id (default: main)",
-    )
-    g.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer directory or .gguf file to use instead of the model's own "
-        "(default: the model's; a GGUF checkpoint's comes from the file)",
-    )
-    g.add_argument(
-        "--dummy-weights",
-        action="store_true",
-        help="random weights from the config alone (benchmarks, presets). A preset has no "
-        "tokenizer: the demo one encodes text prompts, but its output has no text (generate "
-        "and chat print the token ids; over gRPC the text is empty, read token_ids)",
-    )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: the config's dtype on GPU, float32 on CPU",
-    )
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "torch", "triton", "flashinfer", "fa3"],
-        help="auto: our Triton kernels on CUDA, torch on CPU. flashinfer / fa3 need those "
-        "libraries installed, are used only when named and have not been run on a GPU yet",
-    )
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
-    g.add_argument(
-        "--num-pages",
-        type=int,
-        default=None,
-        help="KV pool size in pages (default: sized from memory)",
-    )
-    g.add_argument(
-        "--mem-fraction",
-        type=float,
-        default=0.85,
-        help="fraction of GPU memory for weights + KV cache",
-    )
-    g.add_argument("--cpu-kv-gib", type=float, default=2.0, help="KV cache budget on CPU, GiB")
-    g.add_argument(
-        "--max-running-requests", type=int, default=256, help="most requests in the running batch"
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="context length; default the model's max_position_embeddings",
-    )
-    g.add_argument(
-        "--chunked-prefill-size",
-        type=int,
-        default=8192,
-        help="most new tokens per forward step (long prompts are chunked)",
-    )
-    g.add_argument(
-        "--disable-cuda-graph",
-        action="store_true",
-        help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)",
-    )
-    g.add_argument(
-        "--cuda-graph-max-bs",
-        type=int,
-        default=256,
-        help="largest decode batch put in a CUDA graph",
-    )
-    g.add_argument(
-        "--overlap-schedule",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="prepare and launch step N+1 on the CPU while the GPU runs step N "
-        "(auto: on with CUDA, off on CPU where nothing runs asynchronously)",
-    )
-    g.add_argument(
-        "--disable-radix-cache",
-        action="store_true",
-        help="recompute every prompt instead of reusing cached prefixes",
-    )
-    g.add_argument(
-        "--schedule-policy",
-        default="fcfs",
-        choices=["fcfs", "lpm"],
-        help="fcfs: first come first served; lpm: longest cached prefix first",
-    )
-    g.add_argument(
-        "--tp-size",
-        type=int,
-        default=1,
-        help="tensor-parallel ranks: processes that each hold 1/N of the weights and KV heads "
-        "(one GPU each, cuda:0..N-1; gloo on CPU)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed for --dummy-weights")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    types = get_type_hints(EngineConfig)
+    for f in fields(EngineConfig):
+        kind = types[f.name]
+        spec: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
+        if kind is bool:
+            assert f.metadata["flag"] or f.default is False, f"{f.name}: a flag that turns it off"
+            spec["action"] = "store_false" if f.default else "store_true"
+        else:
+            (scalar,) = [t for t in get_args(kind) or (kind,) if t is not type(None)]
+            if scalar is not str:
+                spec["type"] = scalar
+            if f.metadata["choices"]:
+                spec["choices"] = list(f.metadata["choices"])
+        g.add_argument(f.metadata["flag"] or "--" + f.name.replace("_", "-"), **spec)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig keyword options (without `model`) from parsed flags."""
-    names = {f.name for f in fields(EngineConfig)} - {"model", "progress"}
-    opts = {name: getattr(args, name) for name in names}
-    opts["progress"] = not args.no_progress
-    return opts
+    return {f.name: getattr(args, f.name) for f in fields(EngineConfig) if f.name != "model"}
 
 
 def add_sampling_args(

@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from minisgl.config import EngineConfig
 from minisgl.models.source import DEMO_DIR
-from minisgl.sampling_params import SamplingParams
+from minisgl.sampling_params import FinishReason, SamplingParams, as_finish_reason
+from minisgl.scheduler.engine import launch_engine
 from minisgl.scheduler.request import TokenEvent
-from minisgl.scheduler.setup import launch_engine
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
     Tokenizer,
+    check_prompt,
     encode_prompt,
     tokenizer_for,
 )
@@ -36,7 +37,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None  # None when text is unavailable (LLM.text_unavailable says why)
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: FinishReason
     matched_stop: int | str | None  # the stop token id or stop string that ended it
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
@@ -69,6 +70,7 @@ class LLM:
         self._close = weakref.finalize(self, engine.close)
         self.model_name = engine.source.name
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.source.config.vocab_size
         self.runner = engine.runner
         self.scheduler = engine.scheduler
         self.tokenizer = tokenizer_for(engine.source, self.config.tokenizer)
@@ -95,12 +97,15 @@ class LLM:
     ) -> str:
         """Queue one prompt; returns its request id. Raises ValueError for invalid input.
 
-        stream: decode text as tokens arrive (see `stream`), not once at the end.
+        stream: decode text as tokens arrive (see `stream`), not once at the end. Generation
+        stops at the context length if max_new_tokens does not fit in it.
         """
         params = params or SamplingParams()
         if params.stop and self.text_unavailable is not None:
             raise ValueError(f"stop: stop strings need the output as text; {self.text_unavailable}")
         ids = encode_prompt(self.tokenizer, prompt)
+        params.validate(self.vocab_size)
+        check_prompt(ids, None, self.vocab_size, self.max_model_len)
         rid = f"req-{next(self._ids)}"
         self.scheduler.add_request(rid, ids, params)
         detok = None
@@ -203,11 +208,12 @@ class LLM:
             if pending.detok.matched_stop is not None and ev.finish_reason is None:
                 self.scheduler.abort(ev.rid)
                 return self._finish(ev.rid, "stop", pending.detok.matched_stop)
-        if ev.finish_reason is not None:
-            return self._finish(ev.rid, ev.finish_reason, ev.matched_stop)
+        reason = as_finish_reason(ev.finish_reason)
+        if reason is not None:
+            return self._finish(ev.rid, reason, ev.matched_stop)
         return None
 
-    def _finish(self, rid: str, reason: str, matched: int | str | None) -> RequestOutput:
+    def _finish(self, rid: str, reason: FinishReason, matched: int | str | None) -> RequestOutput:
         p = self._pending.pop(rid)
         text = None
         if p.detok is not None:

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+"""Why a request ended: a stop token or stop string matched ("stop"), max_new_tokens or the
+context length was reached ("length"), or its caller aborted it ("abort")."""
+
+
+def as_finish_reason(value: str | None) -> FinishReason | None:
+    """`value` (None: still running) as a FinishReason; ValueError if it is not one."""
+    match value:
+        case None | "stop" | "length" | "abort":
+            return value
+    raise ValueError(f"finish_reason: unknown value {value!r}")
+
 
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this (0 included) pick the most likely token: dividing logits by a

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from minisgl.attention.base import ForwardBatch
+from minisgl.attention.batch import ForwardBatch
 from minisgl.llm import LLM, RequestOutput
 from minisgl.sampling_params import SamplingParams
 from tests.engine_util import assert_idle

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minisgl import LLM
-from minisgl.attention.base import ForwardBatch
+from minisgl.attention.batch import ForwardBatch
 from minisgl.bench.offline import WORKLOADS, make_requests, run_ours
 from tests.server_util import REPO
 

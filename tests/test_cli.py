@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from minisgl.cli import build_parser
+from minisgl.cli import build_parser, engine_options
 from minisgl.config import EngineConfig
 from minisgl.models.source import DEMO_DIR
 from minisgl.sampling_params import SamplingParams
@@ -186,6 +186,35 @@ def test_generate_help_mentions_every_engine_flag(runs: Runs) -> None:
         assert flag in res.stdout, f"{flag} (EngineConfig.{f.name}) missing from --help"
     for flag in ("--max-new-tokens", "--temperature", "--top-p", "--top-k", "--json", "--stop"):
         assert flag in res.stdout
+
+
+def test_engine_flags_come_from_the_engine_config_fields() -> None:
+    """One source: each engine flag's default, choices and help text are its EngineConfig
+    field's, the flags build the same EngineConfig as LLM(**options), and `check` refuses a value
+    outside a field's choices as the flag does."""
+    for command in ("generate", "chat", "serve"):
+        parser = subcommands()[command]
+        by_dest = {action.dest: action for action in parser._actions}
+        for f in fields(EngineConfig):
+            action = by_dest[f.name]
+            assert action.default == f.default, f"{command} {action.option_strings}"
+            assert action.help == f.metadata["help"], f"{command} {action.option_strings}"
+            assert tuple(action.choices or ()) == f.metadata["choices"]
+    gen = subcommands()["generate"]
+    args = gen.parse_args(["hi"])
+    assert EngineConfig.from_options(args.model, engine_options(args)) == EngineConfig()
+    flags = ["hi", "--no-progress", "--tp-size", "2", "--mem-fraction", "0.5", "--num-pages", "8"]
+    args = gen.parse_args([*flags, "--dtype", "float16", "--disable-radix-cache"])
+    assert EngineConfig.from_options(None, engine_options(args)) == EngineConfig(
+        progress=False,
+        tp_size=2,
+        mem_fraction=0.5,
+        num_pages=8,
+        dtype="float16",
+        disable_radix_cache=True,
+    )
+    with pytest.raises(ValueError, match="attention_backend must be auto, torch, triton, "):
+        EngineConfig.from_options(None, {"attention_backend": "cuda"})
 
 
 def test_bad_model_is_a_one_line_error(runs: Runs) -> None:

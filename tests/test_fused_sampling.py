@@ -77,3 +77,19 @@ def test_tiny_temperatures_take_the_argmax(k: ModuleType) -> None:
     tiny = temp < 1e-5
     assert torch.equal(got[tiny], logits.argmax(-1)[tiny])
     assert not (got == 0).any()
+
+
+def test_the_typed_op_runs_the_kernel_only_on_the_gpu_path(
+    k: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """minisgl.kernels.fused_sample_rows: None for a CPU tensor (the sampler's torch path), the
+    kernel's tokens when the gate to the GPU path is open (forced here: the interpreter)."""
+    import minisgl.kernels as ops
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(4))
+    temp = torch.tensor([0.0, 0.5, 1.0, 0.0, 2.0, 0.7])
+    hashes = row_hash(torch.arange(6), torch.zeros(6, dtype=torch.int64))
+    assert ops.fused_sample_rows(logits, temp, hashes) is None
+    monkeypatch.setattr(ops, "_on_gpu", lambda t: True)
+    got = ops.fused_sample_rows(logits, temp, hashes)
+    assert got is not None and torch.equal(got, k.sample_rows(logits, temp, hashes))

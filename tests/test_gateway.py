@@ -150,6 +150,21 @@ def test_streamed_completion_equals_unary_and_ends_with_done(gateway: str) -> No
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
 
 
+def test_n_choices_from_the_largest_seed_wrap_around(gateway: str, grpc_client: Client) -> None:
+    """Choice i samples with seed + i modulo 2**63 (the server's seed range): the top of the
+    range is no error, and a seed past it is a 400 naming `seed`, not a 500."""
+    top = 2**63 - 1
+    request = {"prompt": "Once upon", "max_tokens": 6, "temperature": 1.0, "seed": top, "n": 2}
+    status, raw = _post(gateway + "/v1/completions", request)
+    assert status == 200, raw
+    texts = [c["text"] for c in json.loads(raw)["choices"]]
+    for seed, text in zip([top, 0], texts, strict=True):
+        want = grpc_client.generate("Once upon", max_new_tokens=6, temperature=1.0, seed=seed)
+        assert text == want.text
+    status, raw = _post(gateway + "/v1/completions", {**request, "seed": 2**64 - 1})
+    assert status == 400 and json.loads(raw)["error"]["param"] == "seed", raw
+
+
 def test_n_choices_unary_and_streamed(gateway: str, grpc_client: Client) -> None:
     """n choices = n requests; with a seed, choice i samples with seed + i (so they differ and
     each equals a plain gRPC call with that seed); streamed choices equal the unary ones."""
@@ -735,7 +750,7 @@ def test_a_request_id_already_in_flight_is_a_409(long_gateway: str, long_server:
 def test_every_grpc_status_maps_to_a_chosen_http_status() -> None:
     import grpc
 
-    from minisgl.gateway import _STATUS
+    from minisgl.gateway.errors import _STATUS
 
     assert set(_STATUS) == set(grpc.StatusCode) - {grpc.StatusCode.OK}
     want = {

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from minisgl.attention.base import ForwardBatch
+from minisgl.attention.batch import ForwardBatch
 from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
 from tests.checkpoints import VARIANTS, load_hf, make_checkpoint

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import shutil
 import subprocess
 import threading
@@ -22,10 +21,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from minisgl.cli import build_parser
-from minisgl.ipc.messages import ModelInfo
-from minisgl.server import convert
-from minisgl.server.config import RequestLimits
 from minisgl.v1 import (
     common_pb2,
     generation_pb2,
@@ -482,60 +477,6 @@ def test_bad_input_is_invalid_argument_naming_the_field(
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
             assert (err.value.details() or "").startswith(field_name + ":"), err.value.details()
     _assert_still_serving(client)
-
-
-def test_request_limits_come_from_the_server_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    """The limits are RequestLimits fields, set by `minisgl serve` flags (help shows their
-    defaults); at a limit a request passes, one over it gets an error naming the field."""
-    flags = {"stop-strings": 2, "stop-string-chars": 3, "chat-messages": 2, "role-chars": 4}
-    flags["prompt-chars"] = 10
-    argv = ["serve", *(x for k, v in flags.items() for x in (f"--max-{k}", str(v)))]
-    args = build_parser().parse_args(argv)
-    limits = RequestLimits(*(getattr(args, "max_" + k.replace("-", "_")) for k in flags))
-    assert limits == RequestLimits(2, 3, 2, 4, 10)  # the flags in the fields' order
-    info = ModelInfo(
-        model="demo", architecture="llama", context_length=MAX_MODEL_LEN, vocab_size=2048,
-        eos_token_ids=[2], has_tokenizer=True, dtype="float32", device="cpu",
-        attention_backend="torch", page_size=16, kv_cache_tokens=4096, radix_cache=True,
-        chunked_prefill_size=256, max_running_requests=8,
-    )  # fmt: skip
-
-    def request(prompt: common_pb2.Prompt = _P, **stopping: Any) -> generation_pb2.GenerateRequest:
-        return generation_pb2.GenerateRequest(prompt=prompt, stopping=stopping)
-
-    def chat(*messages: tuple[str, str]) -> common_pb2.Prompt:
-        return common_pb2.Prompt(
-            chat={"messages": [{"role": r, "content": c} for r, c in messages]}
-        )
-
-    at_limits = request(common_pb2.Prompt(text="x" * 10), stop=["abc", "d"])
-    assert convert.to_generate_req(at_limits, "r", info, limits).params.stop == ["abc", "d"]
-    assert convert.prompt_parts(chat(("user", "12345"), ("sys", "67890")), info, limits)[1]
-    over = [
-        ("stopping.stop", request(stop=["a", "b", "c"])),
-        ("stopping.stop", request(stop=["abcd"])),
-        ("prompt.text", request(common_pb2.Prompt(text="x" * 11))),
-        ("prompt.chat", request(chat(("user", "a"), ("user", "b"), ("user", "c")))),
-        ("prompt.chat[1].role", request(chat(("user", "a"), ("robot", "b")))),
-        ("prompt.chat", request(chat(("user", "12345"), ("user", "678901")))),
-    ]
-    for field_name, bad in over:
-        with pytest.raises(ValueError, match=rf"^{re.escape(field_name)}: "):
-            convert.to_generate_req(bad, "r", info, limits)
-    # The defaults, as documented in the .proto and in --help.
-    assert convert.to_generate_req(at_limits, "r", info).params.stop == ["abc", "d"]
-    with pytest.raises(ValueError, match=r"^stopping\.stop: at most 64 "):
-        convert.to_generate_req(request(stop=["s"] * 65), "r", info)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--help"])
-    serve_help = " ".join(capsys.readouterr().out.split())
-    for flag, default in [
-        ("--max-stop-strings", "64"), ("--max-stop-string-chars", "1024"),
-        ("--max-chat-messages", "4096"), ("--max-role-chars", "64"),
-    ]:  # fmt: skip
-        assert re.search(rf"{flag} \S+ [^-]*\(default: {default}\)", serve_help), flag
-    with pytest.raises(ValueError, match=r"^--max-stop-strings: must be >= 1"):
-        RequestLimits(max_stop_strings=0)
 
 
 def _raw_generate_request(prompt_text: bytes, request_id: bytes = b"") -> bytes:

@@ -126,8 +126,10 @@ def test_scheduler_add_request_error_fails_only_its_request() -> None:
     bad = add_request(sched, NewReq("x", [1, 2, "3"], p))  # type: ignore[list-item]
     assert isinstance(bad, ReqError) and bad.code == "internal", bad
     assert "TypeError" in bad.message
-    invalid = add_request(sched, NewReq("y", [], p))
-    assert isinstance(invalid, ReqError) and invalid.code == "invalid_argument"
+    too_big = [1] * (64 * 16 + 1)  # more than the 64-page pool, less than the context
+    invalid = add_request(sched, NewReq("y", too_big, p))
+    assert isinstance(invalid, ReqError) and invalid.code == "invalid_argument", invalid
+    assert "KV cache" in invalid.message
     assert not sched.waiting and not sched.running  # nothing of them was queued
     assert add_request(sched, NewReq("z", [1, 2, 3], p)) is None
     while sched.has_work():

@@ -1,7 +1,7 @@
 """Optional attention backends over the same paged KV cache: FlashInfer and FlashAttention 3.
 
-NOT RUN ON A GPU YET: neither library can be installed on the project's GPU machine, so these
-backends have only been checked on the CPU (their page-index arithmetic, and that choosing one
+NOT RUN ON A GPU YET: neither library has been installed where minisgl's GPU tests run, so
+these backends have only been checked on the CPU (their page-index arithmetic, and that choosing one
 without the library gives a clear error). They are used only when asked for by name
 (`--attention-backend flashinfer | fa3`), never picked by `auto`, and run decode eagerly (no
 CUDA graphs). The KV pool's per-layer [num_slots, Hkv, D] tensors are viewed as
@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from minisgl.attention.base import AttentionBackend, ForwardBatch
+from minisgl.attention.base import AttentionBackend
+from minisgl.attention.batch import ForwardBatch
 from minisgl.transfer import HostToDevice
 
 

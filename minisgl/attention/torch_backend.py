@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minisgl.attention.base import AttentionBackend, ForwardBatch
+from minisgl.attention.base import AttentionBackend
+from minisgl.attention.batch import ForwardBatch
 
 
 class TorchAttention(AttentionBackend):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from minisgl.attention.base import AttentionBackend, ForwardBatch
+from minisgl.attention.base import AttentionBackend
+from minisgl.attention.batch import ForwardBatch
 from minisgl.kernels import attention as kernels
 from minisgl.transfer import HostToDevice
 

@@ -1,4 +1,5 @@
-"""Offline benchmarks W1-W4 of shared/BENCHMARKS.md, with dummy weights and random prompts.
+"""Offline benchmarks (workloads W1-W4 and W6, see WORKLOADS), with dummy weights and random
+prompts.
 
     python -m minisgl.bench.offline --workload W2 --model qwen3-0.6b --hf-baseline
     python -m minisgl.bench.offline --workload W4 --model llama-3.1-8b --json out.json

@@ -1,4 +1,4 @@
-"""Online benchmark over gRPC (W5 of shared/BENCHMARKS.md): Poisson arrivals, latency percentiles.
+"""Online benchmark over gRPC (workload W5): Poisson arrivals, latency percentiles.
 
     python -m minisgl.bench.online --model llama-3.1-8b --dummy-weights       # starts a server
     python -m minisgl.bench.online --target 127.0.0.1:50051 --num-prompts 100 --rate 1

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from minisgl.attention.base import AttentionBackend, ForwardBatch
+from minisgl.attention.base import AttentionBackend
+from minisgl.attention.batch import ForwardBatch
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,8 @@ def use_decode_graphs(device: torch.device, disabled: bool, tp_size: int) -> boo
     """Whether to capture decode graphs: on CUDA unless disabled, and not yet for several ranks.
 
     A tensor-parallel graph would capture NCCL all-reduces made through torch.distributed. That
-    has not been seen working here: the first 2-GPU run of a test capturing them did not finish
-    within 150 s (session 4; a hang not yet told apart from a slow start), and SGLang reports
+    has not been seen working here: a 2-GPU test capturing them did not finish within 150 s (a
+    hang not yet told apart from a slow start), and SGLang reports
     ProcessGroupNCCL collectives in CUDA graphs desynchronising the ranks on replay
     (sgl-project/sglang#33775), which is why vLLM and SGLang capture a thin NCCL wrapper of their
     own. Until minisgl has one, tensor-parallel ranks decode eagerly.

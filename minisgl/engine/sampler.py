@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl.kernels import gpu_kernels
+from minisgl.kernels import fused_sample_rows
 from minisgl.sampling_params import GREEDY_TEMPERATURE
 
 _MASK32 = 0xFFFFFFFF
@@ -66,12 +66,12 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         if sb.top_logprobs:
             top_lps, top_ids = raw.topk(sb.top_logprobs, dim=-1)
     logits = _apply_constraints(logits, sb)
-    fused = gpu_kernels(logits, "sampling")
-    if fused is not None and not (sb.use_top_k or sb.use_top_p or sb.use_min_p):
-        ids = fused.sample_rows(logits, sb.temperature, row_hash(sb.seeds, sb.steps))
-    elif sb.all_greedy:
+    ids: torch.Tensor | None = None
+    if logits.is_cuda and not (sb.use_top_k or sb.use_top_p or sb.use_min_p):
+        ids = fused_sample_rows(logits, sb.temperature, row_hash(sb.seeds, sb.steps))
+    if ids is None and sb.all_greedy:
         ids = logits.argmax(dim=-1)
-    else:
+    elif ids is None:
         greedy_ids = logits.argmax(dim=-1)
         greedy = sb.temperature < GREEDY_TEMPERATURE
         ids = torch.where(greedy, greedy_ids, _sample_random(logits, sb))

@@ -11,15 +11,21 @@ worker sends about one call can reach another, even one that reuses a cancelled 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
-from minisgl.sampling_params import SamplingParams
+from minisgl.sampling_params import FinishReason, SamplingParams
 
 ChatMessage = dict[str, str]
+ErrorCode = Literal["invalid_argument", "internal"]
+"""Why a request or call failed: "invalid_argument" (the client's input) or "internal" (an
+unexpected error in a worker, logged there with its traceback, or a dead worker)."""
 
 
 class GenerateReq(msgspec.Struct, tag=True):
-    """frontend -> tokenizer: a validated request to tokenize and queue."""
+    """frontend -> tokenizer: a request to tokenize and queue, checked as far as it can be
+    without its token ids (`server.convert.to_generate_req`)."""
 
     rid: str
     text: str | None
@@ -30,7 +36,7 @@ class GenerateReq(msgspec.Struct, tag=True):
 
 
 class NewReq(msgspec.Struct, tag=True):
-    """tokenizer -> scheduler: a tokenized request."""
+    """tokenizer -> scheduler: a tokenized request, its ids checked (`check_prompt`)."""
 
     rid: str
     input_ids: list[int]
@@ -74,7 +80,7 @@ class Delta(msgspec.Struct, array_like=True):
     top: list[list[tuple[int, float]]] | None
     prompt_tokens: int
     cached_tokens: int
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     matched_stop: int | str | None
     token_texts: dict[int, str] | None = None  # with logprobs: each chosen / top id's text
 
@@ -86,11 +92,10 @@ class DeltaBatch(msgspec.Struct, tag=True):
 
 
 class ReqError(msgspec.Struct, tag=True):
-    """-> frontend: a request failed. code: "invalid_argument" (the client's input) or
-    "internal" (an unexpected error in a worker, logged there with its traceback)."""
+    """-> frontend: a request failed."""
 
     rid: str
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -143,7 +148,7 @@ class TokenizeResult(msgspec.Struct, tag=True):
     token_ids: list[int] | None = None
     text: str | None = None
     error: str | None = None
-    code: str = "invalid_argument"
+    code: ErrorCode = "invalid_argument"
 
 
 class WorkerReady(msgspec.Struct, tag=True):

@@ -1,11 +1,15 @@
-"""Triton kernels (GPU path). Importing this package does not import triton; its modules do."""
+"""Triton kernels (GPU path). Importing this package does not import triton; its modules do.
+
+The layers and the sampler call the fused ops through the typed functions below: each runs
+its Triton kernel when the input is on a CUDA device and triton imports, and returns None
+otherwise (or when the kernel does not cover the input), leaving the torch path to the caller.
+The kernel modules are imported on the first call that uses them, never on the CPU path.
+"""
 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,8 +22,60 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def gpu_kernels(x: torch.Tensor, name: str) -> ModuleType | None:
-    """The kernel module minisgl.kernels.`name` if `x` is on a GPU and triton is installed."""
-    if not x.is_cuda or not triton_available():
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton_available()
+
+
+def fused_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dim of x in one kernel; None off the GPU path."""
+    if not _on_gpu(x):
         return None
-    return importlib.import_module(f"minisgl.kernels.{name}")
+    from minisgl.kernels import fused
+
+    return fused.rmsnorm(x, weight, eps)
+
+
+def fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rmsnorm(x + residual), x + residual) in one kernel; None off the GPU path."""
+    if not _on_gpu(x):
+        return None
+    from minisgl.kernels import fused
+
+    return fused.add_rmsnorm(x, residual, weight, eps)
+
+
+def fused_rotary_(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place and return them; None off the GPU path
+    (q and k untouched)."""
+    if not _on_gpu(q):
+        return None
+    from minisgl.kernels import fused
+
+    fused.rotary_(positions, q, k, cos_sin)
+    return q, k
+
+
+def fused_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """[T, 2I] -> silu(gate) * up, [T, I], in one kernel; None off the GPU path or when the
+    input is not 2-D."""
+    if not _on_gpu(gate_up) or gate_up.dim() != 2:
+        return None
+    from minisgl.kernels import fused
+
+    return fused.silu_and_mul(gate_up)
+
+
+def fused_sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, row_hash: torch.Tensor
+) -> torch.Tensor | None:
+    """One token per row of logits [B, V] (greedy, or Gumbel-max with the sampler's noise);
+    None off the GPU path. The caller keeps rows with top-k / top-p / min-p for torch."""
+    if not _on_gpu(logits):
+        return None
+    from minisgl.kernels import sampling
+
+    return sampling.sample_rows(logits, temperature, row_hash)

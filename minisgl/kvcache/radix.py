@@ -30,6 +30,8 @@ class Node:
 class RadixCache:
     """Shares KV pages between requests with common prefixes; evicts LRU unlocked leaves."""
 
+    keeps_pages = True
+
     def __init__(self, page_size: int, allocator: PageAllocator) -> None:
         self.page_size = page_size
         self.allocator = allocator
@@ -127,18 +129,18 @@ class RadixCache:
             node = child
         return out, node
 
-    def lock(self, node: Node) -> None:
-        """Protect the path root..node from eviction."""
-        while node is not self.root:
+    def lock(self, node: Node | None) -> None:
+        """Protect the path root..node from eviction (None: nothing to protect)."""
+        while node is not None and node is not self.root:
             if node.lock_ref == 0:
                 self.locked_pages += len(node.pages)
             node.lock_ref += 1
             assert node.parent is not None
             node = node.parent
 
-    def unlock(self, node: Node) -> None:
+    def unlock(self, node: Node | None) -> None:
         """Undo one lock()."""
-        while node is not self.root:
+        while node is not None and node is not self.root:
             node.lock_ref -= 1
             if node.lock_ref < 0:
                 raise AssertionError("radix node unlocked more often than locked")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.kernels import gpu_kernels
+from minisgl.kernels import fused_add_rmsnorm, fused_rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -17,9 +17,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = gpu_kernels(x, "fused")
-        if fused is not None:
-            out: torch.Tensor = fused.rmsnorm(x, self.weight, self.eps)
+        out = fused_rmsnorm(x, self.weight, self.eps)
+        if out is not None:
             return out
         dtype = x.dtype
         h = x.float()
@@ -30,11 +29,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual)."""
-        fused = gpu_kernels(x, "fused")
-        if fused is not None:
-            pair: tuple[torch.Tensor, torch.Tensor] = fused.add_rmsnorm(
-                x, residual, self.weight, self.eps
-            )
+        pair = fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        if pair is not None:
             return pair
         summed = x + residual
         return self.forward(summed), summed

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from minisgl.kernels import gpu_kernels
+from minisgl.kernels import fused_rotary_
 from minisgl.layers.rope_config import RopeConfig
 
 
@@ -48,10 +48,9 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D] -> rotated (same shapes and dtypes; in place on GPU)."""
-        fused = gpu_kernels(q, "fused")
-        if fused is not None:
-            fused.rotary_(positions, q, k, self.cos_sin)
-            return q, k
+        rotated = fused_rotary_(positions, q, k, self.cos_sin)
+        if rotated is not None:
+            return rotated
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.attention.base import ForwardBatch
+from minisgl.attention.batch import ForwardBatch
 from minisgl.distributed.group import TPGroup
 from minisgl.layers.activation import silu_and_mul
 from minisgl.layers.embedding import Embedding, LMHead

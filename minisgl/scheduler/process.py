@@ -30,9 +30,9 @@ from minisgl.ipc.messages import (
 )
 from minisgl.ipc.transport import Endpoints, Receiver, Sender
 from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler.engine import Engine, build_engine
 from minisgl.scheduler.request import TokenEvent
 from minisgl.scheduler.scheduler import Scheduler
-from minisgl.scheduler.setup import Engine, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def model_info(engine: Engine) -> ModelInfo:
         attention_backend=engine.runner.attn.name,
         page_size=cfg.page_size,
         kv_cache_tokens=sched.allocator.num_pages * cfg.page_size,
-        radix_cache=sched.cache is not None,
+        radix_cache=sched.cache.keeps_pages,
         chunked_prefill_size=cfg.chunked_prefill_size,
         max_running_requests=cfg.max_running_requests,
     )
@@ -70,12 +70,11 @@ def model_info(engine: Engine) -> ModelInfo:
 
 def _load(sched: Scheduler) -> Load:
     s = sched.stats()
-    evictable = sched.cache.evictable_pages if sched.cache is not None else 0
     return Load(
         waiting=s.waiting,
         running=s.running,
         kv_usage=s.pool_usage,
-        kv_busy=(s.total_pages - s.free_pages - evictable) / s.total_pages,
+        kv_busy=(s.total_pages - s.free_pages - sched.cache.evictable_pages) / s.total_pages,
         cache_hit_rate=s.cache_hit_rate,
         retractions=s.retractions,
     )

@@ -7,14 +7,14 @@ import re
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from minisgl.ipc.messages import Delta, GenerateReq, ModelInfo
-from minisgl.sampling_params import SamplingParams
+from minisgl.sampling_params import FinishReason, SamplingParams
 from minisgl.server.config import RequestLimits
 from minisgl.v1 import common_pb2, generation_pb2
 
 MAX_TOP_LOGPROBS = 20
 _RID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
-FINISH_REASONS = {
+FINISH_REASONS: dict[FinishReason, common_pb2.FinishReason.ValueType] = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
@@ -28,8 +28,11 @@ def to_generate_req(
 ) -> GenerateReq:
     """Validate a Generate/StreamGenerate request; ValueError names the offending field.
 
-    This is the one place that checks `limits` (the offline API has none: its caller is the
-    operator); the scheduler validates the sampling parameters again, not the limits."""
+    Checks what needs no token count: the prompt's shape, the sampling and stopping fields'
+    ranges (`SamplingParams.validate`), and `limits` (the one place that checks them; the
+    offline API has none: its caller is the operator). The token ids' range and the context
+    length are checked by the tokenizer worker (`tokenizer.check_prompt`), which knows them.
+    An unset field takes SamplingParams' default."""
     limits = limits or RequestLimits()
     text, chat, ids = prompt_parts(req.prompt, info, limits)
     s, st, out = req.sampling, req.stopping, req.output
@@ -47,16 +50,21 @@ def to_generate_req(
             f"stopping.stop: stop string {long} has {len(st.stop[long])} characters, "
             f"at most {limits.max_stop_string_chars}"
         )
+    default = SamplingParams()
     params = SamplingParams(
-        temperature=s.temperature if s.HasField("temperature") else 1.0,
-        top_p=s.top_p if s.HasField("top_p") else 1.0,
-        top_k=s.top_k if s.HasField("top_k") else -1,
-        min_p=s.min_p if s.HasField("min_p") else 0.0,
-        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        temperature=s.temperature if s.HasField("temperature") else default.temperature,
+        top_p=s.top_p if s.HasField("top_p") else default.top_p,
+        top_k=s.top_k if s.HasField("top_k") else default.top_k,
+        min_p=s.min_p if s.HasField("min_p") else default.min_p,
+        repetition_penalty=s.repetition_penalty
+        if s.HasField("repetition_penalty")
+        else default.repetition_penalty,
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         seed=s.seed if s.HasField("seed") else None,
-        max_new_tokens=st.max_new_tokens if st.HasField("max_new_tokens") else 128,
+        max_new_tokens=st.max_new_tokens
+        if st.HasField("max_new_tokens")
+        else default.max_new_tokens,
         min_new_tokens=st.min_new_tokens,
         stop=list(st.stop),
         stop_token_ids=list(st.stop_token_ids),
@@ -66,11 +74,9 @@ def to_generate_req(
         top_logprobs=out.top_logprobs,
         skip_special_tokens=out.skip_special_tokens
         if out.HasField("skip_special_tokens")
-        else True,
+        else default.skip_special_tokens,
     )
     _validate_params(params, info.vocab_size)
-    if not st.HasField("max_new_tokens"):
-        params.max_new_tokens = min(params.max_new_tokens, info.context_length - 1)
     return GenerateReq(rid, text, ids, chat, params, st.HasField("max_new_tokens"))
 
 
@@ -110,20 +116,8 @@ def prompt_parts(
                 f"(far over the context length {limit})"
             )
         return prompt.text, None, None
-    if kind == "token_ids":
-        ids = list(prompt.token_ids.ids)
-        if not ids:
-            raise ValueError("prompt.token_ids: must not be empty")
-        if len(ids) >= limit:
-            raise ValueError(
-                f"prompt.token_ids: {len(ids)} tokens reach the context length {limit}"
-            )
-        bad = next((t for t in ids if t >= info.vocab_size), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt.token_ids: id {bad} is not below the vocabulary size {info.vocab_size}"
-            )
-        return None, None, ids
+    if kind == "token_ids":  # checked where every prompt's ids are: tokenizer.check_prompt
+        return None, None, list(prompt.token_ids.ids)
     if kind == "chat":
         messages = prompt.chat.messages
         if not messages:
@@ -183,8 +177,9 @@ def logprobs_pb(delta: Delta) -> list[common_pb2.TokenLogprobs]:
 
 
 def finish_pb(delta: Delta) -> common_pb2.Finish:
+    reason = delta.finish_reason
     finish = common_pb2.Finish(
-        reason=FINISH_REASONS.get(delta.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED)
+        reason=common_pb2.FINISH_REASON_UNSPECIFIED if reason is None else FINISH_REASONS[reason]
     )
     if isinstance(delta.matched_stop, str):
         finish.stop_string = delta.matched_stop

@@ -18,7 +18,7 @@ import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import grpc
 import zmq.asyncio
@@ -32,6 +32,7 @@ from minisgl.ipc.messages import (
     AbortReq,
     Delta,
     DeltaBatch,
+    ErrorCode,
     Load,
     Message,
     ModelInfo,
@@ -57,10 +58,19 @@ SERVICE_NAMES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
-_CODES = {
+_CODES: dict[ErrorCode, grpc.StatusCode] = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "internal": grpc.StatusCode.INTERNAL,
 }
+FrontendState = Literal["starting", "serving", "draining", "failed"]
+"""starting: until the workers are ready; serving; draining: after SIGTERM, in-flight calls
+may finish; failed: a worker died. Only "serving" takes calls."""
+_UNAVAILABLE: dict[FrontendState, str] = {
+    "starting": "the server is warming up",
+    "draining": "the server is shutting down",
+    "failed": "the engine has failed",
+}
+"""Why a call gets UNAVAILABLE in each state but "serving"."""
 TOKENIZE_TIMEOUT_S = 30.0
 """A Tokenize / Detokenize call the (live) tokenizer has not answered by then: UNAVAILABLE."""
 LABEL_RELEASE_S = 1.0
@@ -79,7 +89,7 @@ class Frontend:
         self.inbox = AsyncReceiver(self.zmq, endpoints.frontend)
         self.to_tokenizer = AsyncSender(self.zmq, endpoints.tokenizer)
         self.health = HealthServicer()
-        self.state = "starting"  # starting | serving | draining | failed
+        self.state: FrontendState = "starting"
         self.info: ModelInfo | None = None
         self.load = Load(0, 0, 0.0, 0.0, 0.0, 0)
         self.requests: dict[str, asyncio.Queue[Delta | ReqError]] = {}
@@ -173,12 +183,7 @@ class Frontend:
     async def check_available(self, context: grpc.aio.ServicerContext[Any, Any]) -> ModelInfo:
         if self.state == "serving" and self.info is not None:
             return self.info
-        why = {
-            "starting": "the server is warming up",
-            "draining": "the server is shutting down",
-            "failed": "the engine has failed",
-        }[self.state]
-        await context.abort(grpc.StatusCode.UNAVAILABLE, why)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, _UNAVAILABLE[self.state])
         raise AssertionError("unreachable")
 
     async def generate(
@@ -221,9 +226,7 @@ class Frontend:
                 self.awaiting_first.discard(rid)
                 if isinstance(item, ReqError):
                     finished = True
-                    await context.abort(
-                        _CODES.get(item.code, grpc.StatusCode.INTERNAL), item.message
-                    )
+                    await context.abort(_CODES[item.code], item.message)
                 assert isinstance(item, Delta)
                 finished = item.finish_reason is not None
                 item.rid = label  # the client knows its call by its label
@@ -276,7 +279,7 @@ class Frontend:
             )
             raise AssertionError("unreachable")
         if result.error is not None:
-            await context.abort(_CODES.get(result.code, grpc.StatusCode.INTERNAL), result.error)
+            await context.abort(_CODES[result.code], result.error)
         return result
 
 

@@ -80,7 +80,7 @@ class Workers:
             args["scheduler"] = (cfg, endpoints, port)
             for rank in range(1, cfg.tp_size):
                 name = f"{FOLLOWER_PREFIX}{rank}"
-                specs[name] = ("minisgl.scheduler.setup", "run_follower")
+                specs[name] = ("minisgl.scheduler.engine", "run_follower")
                 args[name] = (cfg, rank, port)
         for name, (module, fn) in specs.items():
             proc = ctx.Process(

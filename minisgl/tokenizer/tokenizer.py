@@ -91,6 +91,38 @@ def encode_prompt(tok: Tokenizer | None, prompt: Prompt) -> list[int]:
     raise ValueError("prompt: must be a string, a list of token ids or a list of chat messages")
 
 
+def check_prompt(
+    ids: Sequence[int],
+    max_new_tokens: int | None,
+    vocab_size: int,
+    max_model_len: int,
+    field: str = "prompt",
+) -> None:
+    """Check a prompt's token ids, once they are known; ValueError naming the field.
+
+    The one check of the ids' range and of the context length, for the server (the tokenizer
+    worker) and the offline API (`LLM.submit`). `max_new_tokens`: the number the client asked
+    for, which must fit in the context with the prompt; None when generation may stop at the
+    context length instead. `field` names the prompt in the message ("prompt.token_ids" for a
+    gRPC token-id prompt).
+    """
+    if not ids:
+        raise ValueError(f"{field}: must contain at least one token")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise ValueError(f"{field}: id {bad} is not in the vocabulary [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"{field}: {len(ids)} tokens reach the context length {max_model_len}; "
+            "no room to generate"
+        )
+    if max_new_tokens is not None and len(ids) + max_new_tokens > max_model_len:
+        raise ValueError(
+            f"stopping.max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens "
+            f"({max_new_tokens}) exceed the context length {max_model_len}"
+        )
+
+
 class StopStrings:
     """An Aho-Corasick automaton over a request's stop strings, built once per request.
 

@@ -1,9 +1,10 @@
 """Tokenizer and detokenizer worker processes.
 
 The tokenizer turns GenerateReqs into token ids (overlapping with the scheduler's GPU
-work), checks what needs the token count, and forwards aborts in order. The detokenizer
-turns the scheduler's token ids into UTF-8-safe text deltas, matches stop strings (and
-asks the scheduler to abort a request that hit one) and sends deltas to the frontend.
+work), checks them (`check_prompt`: the ids' range and the context length, checked nowhere
+earlier), and forwards aborts in order. The detokenizer turns the scheduler's token ids into
+UTF-8-safe text deltas, matches stop strings (and asks the scheduler to abort a request that
+hit one) and sends deltas to the frontend.
 
 Neither lets one request end the process: bad input (ValueError, a chat template that
 refuses the conversation) fails that request with "invalid_argument"; any other exception
@@ -23,6 +24,7 @@ from minisgl.ipc.messages import (
     AbortReq,
     Delta,
     DeltaBatch,
+    ErrorCode,
     GenerateReq,
     Message,
     NewReq,
@@ -36,10 +38,12 @@ from minisgl.ipc.messages import (
 )
 from minisgl.ipc.transport import Endpoints, Receiver, Sender
 from minisgl.models.source import resolve_model
+from minisgl.sampling_params import FinishReason, as_finish_reason
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
     Tokenizer,
+    check_prompt,
     encode_prompt,
     tokenizer_for,
 )
@@ -83,10 +87,12 @@ def tokenizer_reply(
             return msg
         if isinstance(msg, GenerateReq):
             ids = _encode(tok, _prompt_of(msg.text, msg.chat, msg.token_ids))
-            _check_length(ids, msg, vocab, max_model_len)
+            strict = msg.params.max_new_tokens if msg.strict_max_new_tokens else None
+            field = "prompt.token_ids" if msg.token_ids is not None else "prompt"
+            check_prompt(ids, strict, vocab, max_model_len, field)
             return NewReq(msg.rid, ids, msg.params)
         if isinstance(msg, TokenizeCall):
-            return _tokenize_call(tok, msg, vocab)
+            return _tokenize_call(tok, msg, vocab, max_model_len)
         return None
     except ValueError as e:
         return _failure(msg, "invalid_argument", str(e))
@@ -95,7 +101,7 @@ def tokenizer_reply(
         return _failure(msg, "internal", _internal(e))
 
 
-def _failure(msg: Message, code: str, message: str) -> Message | None:
+def _failure(msg: Message, code: ErrorCode, message: str) -> Message | None:
     if isinstance(msg, GenerateReq):
         return ReqError(msg.rid, code, message)
     if isinstance(msg, TokenizeCall):
@@ -129,24 +135,9 @@ def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
     ctx.destroy(linger=0)
 
 
-def _check_length(ids: list[int], msg: GenerateReq, vocab: int, max_model_len: int) -> None:
-    if not ids:
-        raise ValueError("prompt: is empty after tokenization")
-    if any(not 0 <= t < vocab for t in ids):
-        raise ValueError(f"prompt.token_ids: ids must be below the vocabulary size {vocab}")
-    if len(ids) >= max_model_len:
-        raise ValueError(
-            f"prompt: {len(ids)} tokens reach the context length {max_model_len}; "
-            "no room to generate"
-        )
-    if msg.strict_max_new_tokens and len(ids) + msg.params.max_new_tokens > max_model_len:
-        raise ValueError(
-            f"stopping.max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens "
-            f"({msg.params.max_new_tokens}) exceed the context length {max_model_len}"
-        )
-
-
-def _tokenize_call(tok: Tokenizer | None, call: TokenizeCall, vocab: int) -> TokenizeResult:
+def _tokenize_call(
+    tok: Tokenizer | None, call: TokenizeCall, vocab: int, max_model_len: int
+) -> TokenizeResult:
     if call.detokenize:
         ids = call.token_ids or []
         if tok is None:
@@ -154,6 +145,8 @@ def _tokenize_call(tok: Tokenizer | None, call: TokenizeCall, vocab: int) -> Tok
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"token_ids: ids must be below the vocabulary size {vocab}")
         return TokenizeResult(call.call_id, text=tok.decode(ids, call.skip_special_tokens))
+    if call.token_ids is not None:  # as a generation prompt: Tokenize accepts what Generate does
+        check_prompt(call.token_ids, None, vocab, max_model_len, "prompt.token_ids")
     prompt = _prompt_of(call.text, call.chat, call.token_ids)
     return TokenizeResult(call.call_id, token_ids=_encode(tok, prompt))
 
@@ -231,7 +224,7 @@ def _detokenize(
         )
     detok = states[out.rid]
     text = ""
-    finish: str | None = out.finish_reason
+    finish: FinishReason | None = as_finish_reason(out.finish_reason)
     matched: int | str | None = out.matched_stop
     if detok is not None:
         text = detok.add([out.token_id])

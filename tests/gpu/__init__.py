@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl.attention.base import AttentionBackend, ForwardBatch
+from minisgl.attention.base import AttentionBackend
+from minisgl.attention.batch import ForwardBatch
 from minisgl.attention.torch_backend import TorchAttention
 
 

@@ -3,11 +3,11 @@
 A graph keeps the address of every buffer its kernels touched during the capture. A scratch
 buffer allocated outside the capture (by a warm-up run, say) and freed afterwards leaves every
 replay writing into memory that the caching allocator has since handed to other tensors, or
-returned to the driver. That is what ended W3 runs on the H100 (session 4): the split-KV
-partial-output buffers of the small-batch graphs were the warm-up's, freed at the first eager
-step; late in the run, with few requests left, the replays faulted (Xid 13, "Out Of Range
-Address"), most likely on memory the allocator had released under memory pressure (the H200,
-with memory to spare, never showed it).
+returned to the driver. The split-KV partial-output buffers of the small-batch graphs are
+such buffers when a warm-up allocates them: they are freed at the first eager step, and late in
+a long run (W3 on an H100), with few requests left, the replays fault (Xid 13, "Out Of Range
+Address"), most likely on memory the allocator released under memory pressure (a GPU with
+memory to spare does not show it).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FlashInfer and FlashAttention 3 backends against the float32 torch reference, on a GPU where
-those libraries are installed. The project's GPU machine has neither, so there these tests are
-reported as skipped (with that reason), never as passed."""
+those libraries are installed. Where one is missing its tests are reported as skipped (with
+that reason), never as passed."""
 
 from __future__ import annotations
 

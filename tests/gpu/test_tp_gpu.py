@@ -1,6 +1,6 @@
 """Tensor parallelism on GPUs (NCCL): two ranks must compute what one does.
 
-Needs two GPUs (the device tool's nvidia-h100-x2 kind); fails on a machine without CUDA and
+Needs two GPUs; fails on a machine without CUDA and
 skips, saying so, on one with a single GPU. Float32 so the comparison is exact up to the order
 of the ranks' partial sums: greedy tokens equal, logprobs within 1e-4, with overlap scheduling
 on. The ranks decode without CUDA graphs (see minisgl.engine.cuda_graph.use_decode_graphs).
@@ -33,7 +33,7 @@ def _run(path: Path, **options: Any) -> list[Any]:
 def test_two_gpus_compute_what_one_does(checkpoints: dict[str, Path]) -> None:
     assert torch.cuda.is_available(), "the gpu tests need a CUDA GPU"
     if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs (device tool kind nvidia-h100-x2)")
+        pytest.skip("needs 2 GPUs")
     one = _run(checkpoints["qwen3-qknorm"], num_pages=1024)
     two = _run(checkpoints["qwen3-qknorm"], tp_size=2, num_pages=1024)
     for a, b in zip(one, two, strict=True):

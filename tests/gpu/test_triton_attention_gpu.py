@@ -1,6 +1,6 @@
 """TritonAttention against the float32 torch reference on CUDA, realistic shapes (`pytest -m gpu`).
 
-Run on the GPU machine: `pytest -m gpu tests/gpu/test_triton_attention_gpu.py` (add `-s` for the
+Run on a GPU machine: `pytest -m gpu tests/gpu/test_triton_attention_gpu.py` (add `-s` for the
 timing table). Without CUDA these tests fail rather than skip.
 """
 

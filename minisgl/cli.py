@@ -239,9 +239,47 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_security_args(parser: argparse.ArgumentParser, what: str, client_ca: bool) -> None:
+    """TLS and API-key flags of `serve` (what: "the gRPC port") and `gateway` (its HTTP port)."""
+    g = parser.add_argument_group(f"TLS and API keys of {what}")
+    g.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve TLS")
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    if client_ca:
+        g.add_argument(
+            "--tls-client-ca",
+            metavar="PEM",
+            help="CA bundle: clients must present a certificate it signed (mTLS)",
+        )
+    g.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="a key that calls must send as 'authorization: Bearer KEY' (repeatable; health "
+        "needs none); visible in the process list: prefer --api-key-file (default: none)",
+    )
+    g.add_argument(
+        "--api-key-file",
+        action="append",
+        metavar="FILE",
+        help="a file of keys, one per line; blank lines and # comments are ignored "
+        "(repeatable; default: none)",
+    )
+
+
+def add_metrics_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"serve Prometheus metrics of {what} over HTTP at /metrics on this port, on "
+        "--host (default: off)",
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from minisgl.server.config import RequestLimits, ServerConfig
     from minisgl.server.launcher import serve
+    from minisgl.server.security import load_tls, read_api_keys
 
     cfg = EngineConfig.from_options(args.model, engine_options(args))
     scfg = ServerConfig(
@@ -253,6 +291,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_mib * 2**20,
         max_connection_age_s=args.max_connection_age,
         log_level=args.log_level,
+        log_format=args.log_format,
+        log_stats_interval_s=args.log_stats_interval,
+        metrics_port=args.metrics_port,
         limits=RequestLimits(
             max_stop_strings=args.max_stop_strings,
             max_stop_string_chars=args.max_stop_string_chars,
@@ -260,16 +301,46 @@ def _serve(args: argparse.Namespace) -> int:
             max_role_chars=args.max_role_chars,
             max_prompt_chars=args.max_prompt_chars,
         ),
+        tls=load_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
+        api_keys=read_api_keys(args.api_key, args.api_key_file),
     )
     return serve(cfg, scfg)
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from minisgl.gateway import run_gateway
+    from minisgl.gateway import Credentials, run_gateway
     from minisgl.server.config import check_port
+    from minisgl.server.security import TlsFiles, load_tls, read_api_keys
 
     check_port(args.port)
-    return run_gateway(args.target, args.host, args.port)
+    if args.metrics_port is not None:
+        check_port(args.metrics_port, "--metrics-port")
+    load_tls(args.tls_cert, args.tls_key, None)  # checked here; aiohttp's ssl reads the paths
+    target_flags = ("--target-tls-cert", "--target-tls-key", "--target-tls-ca")
+    target_tls = load_tls(
+        args.target_tls_cert, args.target_tls_key, args.target_tls_ca, target_flags, False
+    )
+    target_keys = read_api_keys(
+        args.target_api_key and [args.target_api_key],
+        args.target_api_key_file and [args.target_api_key_file],
+        "--target-api-key",
+        "--target-api-key-file",
+    )
+    if len(target_keys) > 1:
+        raise ValueError("--target-api-key / --target-api-key-file: give one key, not several")
+    upstream = Credentials(
+        tls=target_tls if target_tls is not None else TlsFiles() if args.target_tls else None,
+        api_key=target_keys[0] if target_keys else None,
+    )
+    return run_gateway(
+        args.target,
+        args.host,
+        args.port,
+        upstream=upstream,
+        https=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        api_keys=read_api_keys(args.api_key, args.api_key_file),
+        metrics_port=args.metrics_port,
+    )
 
 
 def _presets(_: argparse.Namespace) -> int:
@@ -348,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=1800.0,
         help="seconds after which connections are closed so load balancers rebalance",
     )
+    add_security_args(srv, "the gRPC port", client_ca=True)
+    add_metrics_args(srv, "gRPC calls and the engine")
+    srv.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines as text, or as JSON objects, one per line",
+    )
+    srv.add_argument(
+        "--log-stats-interval",
+        type=float,
+        default=10.0,
+        help="seconds between the throughput lines logged while busy (0: none)",
+    )
     add_limit_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
@@ -359,6 +444,25 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--target", default="127.0.0.1:50051", help="the gRPC server, host:port")
     gw.add_argument("--host", default="127.0.0.1", help="address to listen on")
     gw.add_argument("--port", type=int, default=8000, help="port to listen on")
+    add_metrics_args(gw, "HTTP requests")
+    add_security_args(gw, "the HTTP port (a missing or wrong key: 401)", client_ca=False)
+    up = gw.add_argument_group("TLS and API key towards --target")
+    up.add_argument(
+        "--target-tls", action="store_true", help="call the server over TLS (system CAs)"
+    )
+    up.add_argument(
+        "--target-tls-ca", metavar="PEM", help="CA of the server's certificate (implies TLS)"
+    )
+    up.add_argument(
+        "--target-tls-cert", metavar="PEM", help="client certificate, for a server with mTLS"
+    )
+    up.add_argument("--target-tls-key", metavar="PEM", help="private key of --target-tls-cert")
+    up.add_argument(
+        "--target-api-key",
+        metavar="KEY",
+        help="the key the gateway sends to the server (the clients' keys are never forwarded)",
+    )
+    up.add_argument("--target-api-key-file", metavar="FILE", help="a file holding --target-api-key")
     gw.set_defaults(func=_gateway)
     pre = sub.add_parser(
         "presets", parents=[common], help="list the model configs usable with --dummy-weights"

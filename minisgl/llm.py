@@ -13,10 +13,10 @@ from typing import Any
 from tqdm import tqdm
 
 from minisgl.config import EngineConfig
+from minisgl.ipc.messages import TokenOut
 from minisgl.models.source import DEMO_DIR
-from minisgl.sampling_params import FinishReason, SamplingParams, as_finish_reason
+from minisgl.sampling_params import FinishReason, SamplingParams
 from minisgl.scheduler.engine import launch_engine
-from minisgl.scheduler.request import TokenEvent
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
@@ -191,7 +191,7 @@ class LLM:
                     bar.update(1)
         return [done[rid] for rid in rids]
 
-    def _on_event(self, ev: TokenEvent) -> RequestOutput | None:
+    def _on_event(self, ev: TokenOut) -> RequestOutput | None:
         pending = self._pending.get(ev.rid)
         if pending is None:
             return None
@@ -199,8 +199,8 @@ class LLM:
         pending.cached_tokens = ev.cached_tokens
         if ev.logprob is not None:
             pending.logprobs.append(ev.logprob)
-        if ev.top_logprobs is not None:
-            pending.top_logprobs.append(ev.top_logprobs)
+        if ev.top is not None:
+            pending.top_logprobs.append(ev.top)
         if pending.detok is not None:
             text = pending.detok.add([ev.token_id])
             if pending.chunks is not None and text:
@@ -208,9 +208,8 @@ class LLM:
             if pending.detok.matched_stop is not None and ev.finish_reason is None:
                 self.scheduler.abort(ev.rid)
                 return self._finish(ev.rid, "stop", pending.detok.matched_stop)
-        reason = as_finish_reason(ev.finish_reason)
-        if reason is not None:
-            return self._finish(ev.rid, reason, ev.matched_stop)
+        if ev.finish_reason is not None:
+            return self._finish(ev.rid, ev.finish_reason, ev.matched_stop)
         return None
 
     def _finish(self, rid: str, reason: FinishReason, matched: int | str | None) -> RequestOutput:

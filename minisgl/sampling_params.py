@@ -11,14 +11,6 @@ FinishReason = Literal["stop", "length", "abort"]
 context length was reached ("length"), or its caller aborted it ("abort")."""
 
 
-def as_finish_reason(value: str | None) -> FinishReason | None:
-    """`value` (None: still running) as a FinishReason; ValueError if it is not one."""
-    match value:
-        case None | "stop" | "length" | "abort":
-            return value
-    raise ValueError(f"finish_reason: unknown value {value!r}")
-
-
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this (0 included) pick the most likely token: dividing logits by a
 tiny temperature overflows float32 (1e-40 gives inf, then NaN probabilities)."""

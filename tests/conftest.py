@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoints import VARIANTS, make_checkpoint
+from tests.helpers.checkpoints import VARIANTS, make_checkpoint
 
 
 @pytest.fixture(scope="session")

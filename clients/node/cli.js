@@ -28,6 +28,10 @@ const USAGE = `usage: node cli.js [--address HOST:PORT] (--prompt TEXT | --model
   --logprobs, --top-logprobs N
   --request-id ID
   --timeout SECONDS          deadline of the call (default 60; 0 = none)
+  --tls                      TLS, verifying the server with the system CAs
+  --tls-ca FILE              TLS, verifying the server with this CA (PEM)
+  --client-cert FILE, --client-key FILE   a client certificate (a server with mTLS)
+  --api-key KEY              sent as 'authorization: Bearer KEY' (default: $MINISGL_API_KEY)
   --help`;
 
 const OPTIONS = {
@@ -51,6 +55,11 @@ const OPTIONS = {
   'top-logprobs': { type: 'string' },
   'request-id': { type: 'string' },
   timeout: { type: 'string', default: '60' },
+  tls: { type: 'boolean', default: false },
+  'tls-ca': { type: 'string' },
+  'client-cert': { type: 'string' },
+  'client-key': { type: 'string' },
+  'api-key': { type: 'string' },
   help: { type: 'boolean', default: false },
 };
 
@@ -124,6 +133,17 @@ function print(message) {
   process.stdout.write(`${JSON.stringify(message)}\n`);
 }
 
+function makeClient(values, timeout) {
+  return new MinisglClient(values.address, {
+    timeoutMs: timeout > 0 ? timeout * 1000 : undefined,
+    tls: values.tls,
+    tlsCa: values['tls-ca'],
+    clientCert: values['client-cert'],
+    clientKey: values['client-key'],
+    apiKey: values['api-key'] || process.env.MINISGL_API_KEY || undefined,
+  });
+}
+
 async function main(argv) {
   let values;
   try {
@@ -136,9 +156,15 @@ async function main(argv) {
     return 0;
   }
   const timeout = number(values, 'timeout', false);
-  const client = new MinisglClient(values.address, {
-    timeoutMs: timeout > 0 ? timeout * 1000 : undefined,
-  });
+  if ((values['client-cert'] === undefined) !== (values['client-key'] === undefined)) {
+    throw new UsageError('--client-cert and --client-key: give both or neither');
+  }
+  let client;
+  try {
+    client = makeClient(values, timeout);
+  } catch (err) {
+    throw new UsageError(err.message); // e.g. a PEM file that cannot be read
+  }
   try {
     if (values['model-info']) {
       print(await client.modelInfo());

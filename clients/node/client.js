@@ -16,7 +16,14 @@
 // (seed, kv_cache_tokens, retractions) are strings; enums are their names
 // ("FINISH_REASON_STOP"). Errors are grpc-js ServiceErrors: `code` (a grpc.status number),
 // `details`, `metadata`; statusName(err.code) gives "INVALID_ARGUMENT" and so on.
+//
+// TLS and API keys (a server started with --tls-cert, --tls-client-ca, --api-key):
+//   new MinisglClient('localhost:50051', { tlsCa: 'ca.pem' })  // TLS, our own CA
+//   new MinisglClient('localhost:50051', { tls: true })        // TLS, the system CAs
+//   new MinisglClient('localhost:50051', { tlsCa: 'ca.pem', clientCert: 'c.pem', clientKey: 'c.key' })
+//   new MinisglClient('127.0.0.1:50051', { apiKey: 'KEY' })    // `authorization: Bearer KEY`
 
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -51,17 +58,44 @@ function statusName(code) {
   return String(code);
 }
 
+/** A PEM file's contents: a path is read, a Buffer is taken as is, undefined stays null. */
+function pem(value) {
+  if (value === undefined || value === null) return null;
+  return Buffer.isBuffer(value) ? value : fs.readFileSync(value);
+}
+
+/**
+ * Channel credentials from the options: plaintext, or TLS when `tls`, `tlsCa` or `clientCert`
+ * is set (the server verified with `tlsCa`, else the system CAs; `clientCert` and `clientKey`
+ * for a server that requires client certificates, mTLS).
+ */
+function channelCredentials(options) {
+  if (options.credentials) return options.credentials;
+  const { tls, tlsCa, clientCert, clientKey } = options;
+  if ((clientCert == null) !== (clientKey == null)) {
+    throw new Error('clientCert and clientKey: give both or neither');
+  }
+  if (!tls && tlsCa == null && clientCert == null) return grpc.credentials.createInsecure();
+  return grpc.credentials.createSsl(pem(tlsCa), pem(clientKey), pem(clientCert));
+}
+
 class MinisglClient {
   /**
    * @param {string} address "host:port"
-   * @param {{timeoutMs?: number, credentials?: grpc.ChannelCredentials, channelOptions?: object}} [options]
-   *   timeoutMs: the default deadline of each call (none if unset).
+   * @param {{timeoutMs?: number, credentials?: grpc.ChannelCredentials, channelOptions?: object,
+   *   tls?: boolean, tlsCa?: string|Buffer, clientCert?: string|Buffer, clientKey?: string|Buffer,
+   *   apiKey?: string}} [options]
+   *   timeoutMs: the default deadline of each call (none if unset); tls, tlsCa, clientCert,
+   *   clientKey: see channelCredentials (paths or PEM Buffers); apiKey: sent on every call as
+   *   `authorization: Bearer <apiKey>`.
    */
   constructor(address = '127.0.0.1:50051', options = {}) {
     const v1 = loadProto();
-    const credentials = options.credentials || grpc.credentials.createInsecure();
+    const credentials = channelCredentials(options);
     const channelOptions = options.channelOptions || {};
     this.timeoutMs = options.timeoutMs;
+    this._metadata = new grpc.Metadata();
+    if (options.apiKey) this._metadata.set('authorization', `Bearer ${options.apiKey}`);
     this._generation = new v1.GenerationService(address, credentials, channelOptions);
     // The second stub shares the first one's channel.
     this._model = new v1.ModelService(address, credentials, {
@@ -77,7 +111,7 @@ class MinisglClient {
 
   _unary(stub, method, request, timeoutMs) {
     return new Promise((resolve, reject) => {
-      stub[method](request, this._callOptions(timeoutMs), (err, response) => {
+      stub[method](request, this._metadata, this._callOptions(timeoutMs), (err, response) => {
         if (err) reject(err);
         else resolve(response);
       });
@@ -95,7 +129,11 @@ class MinisglClient {
    * a failed call throws its ServiceError from the loop.
    */
   async *stream(request, { timeoutMs } = {}) {
-    const call = this._generation.StreamGenerate(request, this._callOptions(timeoutMs));
+    const call = this._generation.StreamGenerate(
+      request,
+      this._metadata,
+      this._callOptions(timeoutMs),
+    );
     try {
       for await (const message of call) yield message;
     } finally {

@@ -12,12 +12,21 @@ top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed), st
 (max_new_tokens, min_new_tokens, stop, stop_token_ids, ignore_eos,
 include_stop_str_in_output) and output (logprobs, top_logprobs, skip_special_tokens).
 Errors are grpc.RpcError (code() and details() say what went wrong).
+
+TLS and API keys (a server started with --tls-cert, --tls-client-ca, --api-key):
+
+    Client("localhost:50051", tls_ca="ca.pem")                    # TLS, our own CA
+    Client("localhost:50051", tls=True)                           # TLS, the system CAs
+    Client("localhost:50051", tls_ca="ca.pem", client_cert="client.pem", client_key="client.key")
+    Client("127.0.0.1:50051", api_key="KEY")   # sends `authorization: Bearer KEY` on each call
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -139,8 +148,35 @@ def _matched(finish: common_pb2.Finish) -> str | int | None:
     return None
 
 
+def _read(path: str | os.PathLike[str] | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def make_channel(
+    target: str,
+    *,
+    tls: bool = False,
+    tls_ca: str | os.PathLike[str] | None = None,
+    client_cert: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
+) -> grpc.Channel:
+    """A channel to `target`: plaintext, or TLS when `tls` or any of the PEM files is given
+    (the server's certificate verified with `tls_ca`, else the system CAs; `client_cert` and
+    `client_key` for a server that requires client certificates)."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key: give both or neither")
+    if not (tls or tls_ca is not None or client_cert is not None):
+        return grpc.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(_read(tls_ca), _read(client_key), _read(client_cert))
+    return grpc.secure_channel(target, creds)
+
+
 class Client:
-    """A connection to one server. `target` is "host:port"; or pass your own `channel`."""
+    """A connection to one server. `target` is "host:port"; or pass your own `channel`.
+
+    `tls`, `tls_ca`, `client_cert`, `client_key`: see make_channel. `api_key`: sent on every
+    call as `authorization: Bearer <api_key>`.
+    """
 
     def __init__(
         self,
@@ -148,9 +184,21 @@ class Client:
         *,
         channel: grpc.Channel | None = None,
         timeout: float | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        api_key: str | None = None,
     ) -> None:
-        self.channel = channel if channel is not None else grpc.insecure_channel(target)
+        self.channel = (
+            channel
+            if channel is not None
+            else make_channel(
+                target, tls=tls, tls_ca=tls_ca, client_cert=client_cert, client_key=client_key
+            )
+        )
         self.timeout = timeout
+        self._metadata = () if api_key is None else (("authorization", f"Bearer {api_key}"),)
         self._gen = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self._model = model_pb2_grpc.ModelServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -165,7 +213,7 @@ class Client:
     ) -> GenerateResult:
         """Generate for one prompt and return the whole result."""
         req = build_request(prompt, request_id, **options)
-        resp = self._gen.Generate(req, timeout=self._timeout(timeout))
+        resp = self._gen.Generate(req, timeout=self._timeout(timeout), metadata=self._metadata)
         return GenerateResult(
             request_id=resp.request_id,
             text=resp.text,
@@ -188,7 +236,9 @@ class Client:
     ) -> Generator[StreamDelta, None, None]:
         """Stream the result; stopping the iteration early cancels the request."""
         req = build_stream_request(prompt, request_id, **options)
-        call = self._gen.StreamGenerate(req, timeout=self._timeout(timeout))
+        call = self._gen.StreamGenerate(
+            req, timeout=self._timeout(timeout), metadata=self._metadata
+        )
         try:
             for msg in call:
                 has_finish = msg.HasField("finish")
@@ -210,28 +260,33 @@ class Client:
 
     def model_info(self) -> model_pb2.GetModelInfoResponse:
         """The served model and the engine's options."""
-        return self._model.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=self.timeout)
+        return self._model.GetModelInfo(
+            model_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+        )
 
     def load(self) -> model_pb2.GetLoadResponse:
         """Queue length, running requests and KV cache use."""
-        return self._model.GetLoad(model_pb2.GetLoadRequest(), timeout=self.timeout)
+        return self._model.GetLoad(
+            model_pb2.GetLoadRequest(), timeout=self.timeout, metadata=self._metadata
+        )
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of a text or chat prompt, as Generate would see them."""
         req = model_pb2.TokenizeRequest(prompt=_prompt(prompt))
-        return list(self._model.Tokenize(req, timeout=self.timeout).token_ids)
+        resp = self._model.Tokenize(req, timeout=self.timeout, metadata=self._metadata)
+        return list(resp.token_ids)
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of token ids."""
         req = model_pb2.DetokenizeRequest(
             token_ids=list(token_ids), skip_special_tokens=skip_special_tokens
         )
-        return self._model.Detokenize(req, timeout=self.timeout).text
+        return self._model.Detokenize(req, timeout=self.timeout, metadata=self._metadata).text
 
     def serving(self, service: str = "") -> bool:
         """Whether the health service reports SERVING (for `service`, or the whole server)."""
         req = health_pb2.HealthCheckRequest(service=service)
-        resp = self._health.Check(req, timeout=self.timeout)
+        resp = self._health.Check(req, timeout=self.timeout, metadata=self._metadata)
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     def close(self) -> None:

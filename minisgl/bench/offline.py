@@ -8,22 +8,38 @@ Prints a table and (with --json) writes every figure: output tok/s, wall time, t
 measured copy bandwidth and, for W4, decode tok/s as a share of the HBM roofline.
 Engine flags (--disable-radix-cache, --chunked-prefill-size, --attention-backend, ...) are
 passed through, so each optimisation can be switched off for ablations.
+
+    python -m minisgl.bench.offline --workload W2 --model qwen3-0.6b --dummy-weights \
+        --ablate=--disable-cuda-graph --ablate="--chunked-prefill-size 512" --plot ablation.png
+
+--ablate FLAGS (repeatable; write it with `=`, as the value starts with a dash) runs the
+benchmark once with the other flags given ("base") and once per FLAGS added to them, each
+variant in its own process, and reports a variant each; --plot draws their output tok/s as bars
+(with --hf-baseline, run alongside the base, as one more bar) as a PNG (the `plot` extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import random
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from minisgl.bench import report
+from minisgl.bench.plot import MissingMatplotlib, plot_ablation, require_matplotlib
 from minisgl.cli import add_engine_args, engine_options
 from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
@@ -217,16 +233,101 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: Flags of ours that the variants of an ablation do not get (value-taking ones first).
+_VARIANT_DROPS = {"--ablate": True, "--plot": True, "--json": True, "--hf-baseline": False}
+
+
+def _variant_argv(argv: list[str]) -> list[str]:
+    """`argv` without the ablation's own flags (`--flag value` and `--flag=value` forms)."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        name = arg.split("=", 1)[0]
+        if name in _VARIANT_DROPS:
+            if _VARIANT_DROPS[name] and "=" not in arg:
+                next(it, None)
+            continue
+        out.append(arg)
+    return out
+
+
+def run_ablation(argv: list[str], ablations: list[str], hf_baseline: bool) -> dict[str, Any]:
+    """The benchmark in a fresh process with `argv`'s other flags ("base", plus --hf-baseline
+    when asked) and once per ablation's flags added to them; each result under "variants"."""
+    base = _variant_argv(argv)
+    env = dict(os.environ)  # the variants import this same minisgl
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    variants: list[dict[str, Any]] = []
+    for label, extra in [("base", []), *((a, shlex.split(a)) for a in ablations)]:
+        if label == "base" and hf_baseline:
+            extra = ["--hf-baseline"]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/result.json"
+            cmd = [sys.executable, "-m", "minisgl.bench.offline", *base, *extra, "--json", out]
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"error: --ablate: the variant {label!r} failed (exit {proc.returncode})")
+            with open(out) as f:
+                result = json.load(f)
+        variants.append(
+            {"label": label, "flags": extra, "output_tok_s": result["minisgl"]["output_tok_s"],
+             "result": result}
+        )  # fmt: skip
+    first = variants[0]["result"]
+    return {k: first[k] for k in ("workload", "model", "device")} | {"variants": variants}
+
+
+def _bars(result: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, output tok/s) per variant of an ablation or a single run, HF's last."""
+    variants = result.get("variants") or [{"label": "base", "result": result}]
+    bars = [(v["label"], v["result"]["minisgl"]["output_tok_s"]) for v in variants]
+    hf = variants[0]["result"].get("hf")
+    return bars + ([("HF generate_batch", hf["output_tok_s"])] if hf else [])
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="W2")
     ap.add_argument("--num-prompts", type=int, default=None, help="override the workload's count")
     ap.add_argument("--hf-baseline", action="store_true", help="also run HF generate_batch")
     ap.add_argument("--json", default=None, help="write the results to this file")
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="a variant: these engine flags added to the others (repeatable; --ablate=FLAGS)",
+    )
+    ap.add_argument("--plot", default=None, metavar="PNG", help="output tok/s per variant, bars")
     add_engine_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper())
+    if any(not shlex.split(a) for a in args.ablate):
+        ap.error("--ablate: a variant needs at least one engine flag")
+    if args.plot:
+        try:
+            require_matplotlib()
+        except MissingMatplotlib as e:
+            sys.exit(f"error: --plot: {e}")
+    if args.ablate:
+        result = run_ablation(sys.argv[1:], args.ablate, args.hf_baseline)
+    else:
+        result = run_one(args)
+    report(result, args.json)
+    if args.plot:
+        w = result["workload"]
+        model = result["model"] or "demo model"
+        prompts = f"{w['num_prompts']} prompt{'s' if w['num_prompts'] != 1 else ''}"
+        title = f"{w['name']} ({prompts}), {model} on {result['device']}"
+        plot_ablation(_bars(result), args.plot, title + "\noutput throughput per variant")
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One run in this process with the parsed flags; the result that --json writes."""
     w = WORKLOADS[args.workload]
     if args.num_prompts:
         w = dataclasses.replace(w, num_prompts=args.num_prompts)
@@ -256,7 +357,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         result["hf"] = run_hf(args.model, reqs, device)
         result["speedup_vs_hf"] = result["minisgl"]["output_tok_s"] / result["hf"]["output_tok_s"]
-    report(result, args.json)
+    return result
 
 
 if __name__ == "__main__":

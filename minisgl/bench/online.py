@@ -10,6 +10,12 @@ inter-token latency (ITL: the gap between two streamed messages divided by the t
 later one), plus output tok/s over the whole run. Without --target it starts `minisgl serve`
 on a free local port with every flag it does not know itself (engine flags such as --model,
 --dummy-weights, --overlap-schedule off).
+
+    python -m minisgl.bench.online --sweep-rates 1,2,4,8 --num-prompts 50 --plot sweep.png
+
+--sweep-rates runs the workload once per rate against one server (point i uses seed --seed + i,
+so its prompts are new to the radix cache) and reports a point per rate; --plot draws each
+point's TTFT and ITL (p50, p99) against its output tok/s as a PNG (the `plot` extra, matplotlib).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import asyncio
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +33,7 @@ import grpc
 
 from minisgl.bench import report
 from minisgl.bench.grpc_overhead import local_server
+from minisgl.bench.plot import MissingMatplotlib, plot_sweep, require_matplotlib
 from minisgl.v1 import (
     common_pb2,
     generation_pb2,
@@ -147,6 +155,39 @@ def _range(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
+def _rates(text: str) -> list[float]:
+    """--sweep-rates: comma-separated request rates > 0 (inf: all at once)."""
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"every rate must be > 0 (or inf): {text!r}")
+    return rates
+
+
+async def sweep(
+    target: str,
+    rates: list[float],
+    num_prompts: int,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    seed: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """`run` at each rate in turn (point i with seed `seed + i`); one point per rate."""
+    points = []
+    for i, rate in enumerate(rates):
+        point = await run(target, num_prompts, rate, input_len, output_len, seed + i, timeout)
+        points.append({**point, "seed": seed + i})
+    return {
+        "model": points[0]["model"],
+        "device": points[0]["device"],
+        "rates": rates,
+        "points": points,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--target", default=None, help="host:port of a running server")
@@ -157,15 +198,41 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed for lengths, tokens and arrivals")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per-request deadline, s")
     ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument(
+        "--sweep-rates",
+        type=_rates,
+        default=None,
+        metavar="R1,R2,...",
+        help="run at each of these rates instead of --rate, a point each",
+    )
+    ap.add_argument(
+        "--plot", default=None, metavar="PNG", help="with --sweep-rates: latency vs throughput"
+    )
     args, server_flags = ap.parse_known_args()
-    figures = (args.num_prompts, args.rate, args.input_len, args.output_len, args.seed)
+    if args.plot and not args.sweep_rates:
+        ap.error("--plot needs --sweep-rates")
+    if args.plot:
+        try:
+            require_matplotlib()
+        except MissingMatplotlib as e:
+            sys.exit(f"error: --plot: {e}")
+    lengths = (args.input_len, args.output_len, args.seed, args.timeout)
+
+    async def measure(target: str) -> dict[str, Any]:
+        if args.sweep_rates:
+            return await sweep(target, args.sweep_rates, args.num_prompts, *lengths)
+        return await run(target, args.num_prompts, args.rate, *lengths)
+
     if args.target:
-        result = asyncio.run(run(args.target, *figures, args.timeout))
+        result = asyncio.run(measure(args.target))
     else:
         with local_server(server_flags) as target:
-            result = asyncio.run(run(target, *figures, args.timeout))
+            result = asyncio.run(measure(target))
         result["server_flags"] = server_flags
     report(result, args.json)
+    if args.plot:
+        title = f"{result['model']} on {result['device']}, {args.num_prompts} requests per rate"
+        plot_sweep(result["points"], args.plot, title)
 
 
 if __name__ == "__main__":

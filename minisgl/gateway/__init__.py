@@ -16,10 +16,19 @@ body `{"error": {"message", "type", "param", "code"}}` (`code`: the HTTP status)
 the OpenAI name of the offending field (`temperature`, `max_tokens`, `messages`), also for the
 server's INVALID_ARGUMENT errors, whose gRPC field paths (`sampling.temperature`) are mapped
 back. gRPC statuses map as `errors._STATUS` says: INVALID_ARGUMENT and OUT_OF_RANGE 400,
-UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, ALREADY_EXISTS 409 (an
-`x-request-id` already in flight), RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED
-504, anything else 500. An error after a stream's headers is sent as a last `data: {"error":
-...}` event before `data: [DONE]`.
+UNAUTHENTICATED 401 (the server refused the gateway's own key: the message says so),
+PERMISSION_DENIED 403, NOT_FOUND 404, ALREADY_EXISTS 409 (an `x-request-id` already in
+flight), RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, anything else 500.
+An error after a stream's headers is sent as a last `data: {"error": ...}` event before
+`data: [DONE]`.
+
+TLS and keys: `--tls-cert` / `--tls-key` serve HTTPS; with `--api-key` / `--api-key-file`,
+every route but GET /health needs `Authorization: Bearer <key>` (what the openai client sends
+for `api_key=`): a missing, malformed or wrong key is a 401 with an OpenAI body, logged
+without the key. Towards the server the gateway is a gRPC client of its own: `--target-tls`
+or `--target-tls-ca` (TLS), `--target-tls-cert` / `--target-tls-key` (a server with mTLS),
+and `--target-api-key` / `--target-api-key-file`, the one key it sends on every call; the
+clients' own keys are never forwarded.
 
 Supported request fields (any other field is a 400 naming it; a field of the wrong type too):
 - both routes: model (must name the served model when given), n, stream, stream_options
@@ -54,5 +63,6 @@ which only `app` and `stream` import, so that `run_gateway` can say so when it i
 
 from minisgl.gateway.requests import MAX_BODY_BYTES, MAX_N, MAX_TOP_LOGPROBS
 from minisgl.gateway.serve import listen, run_gateway
+from minisgl.gateway.upstream import Credentials
 
-__all__ = ["MAX_BODY_BYTES", "MAX_N", "MAX_TOP_LOGPROBS", "listen", "run_gateway"]
+__all__ = ["MAX_BODY_BYTES", "MAX_N", "MAX_TOP_LOGPROBS", "Credentials", "listen", "run_gateway"]

@@ -6,23 +6,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
 
 from minisgl.gateway.errors import ApiError, BadRequest, internal_error, rpc_error
+from minisgl.gateway.metrics import GatewayMetrics
 from minisgl.gateway.requests import MAX_BODY_BYTES, parse_body, parse_completion
 from minisgl.gateway.responses import completion_response
 from minisgl.gateway.stream import stream_response
-from minisgl.gateway.upstream import Upstream
+from minisgl.gateway.upstream import Credentials, Upstream
+from minisgl.server.security import AUTH_HEADER, KeyCheck
 from minisgl.v1 import generation_pb2
 
 log = logging.getLogger(__name__)
 
 TARGET = web.AppKey("target", str)  # the gRPC server's address
+CREDENTIALS = web.AppKey("credentials", Credentials)  # how the gateway calls the server
+KEYS = web.AppKey("api_keys", KeyCheck)  # the keys clients must send (none: no check)
+OPEN_PATHS = frozenset({"/health"})
+"""Routes that need no API key (probes carry none); every other path, unknown ones too, does."""
 MAX_BODY = web.AppKey("max_body_bytes", int)
 UPSTREAM = web.AppKey("upstream", Upstream)  # made on start-up, inside the event loop
 _ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
@@ -72,6 +79,23 @@ async def openai_errors(
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return _error(internal_error())
+
+
+@web.middleware
+async def require_key(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """With API keys configured, a request without `Authorization: Bearer <key>` for one of
+    them is a 401 (an OpenAI error body; a warning logged without the key)."""
+    keys = request.app[KEYS]
+    if keys and request.path not in OPEN_PATHS:
+        problem = keys.problem(request.headers.get(AUTH_HEADER))
+        if problem is not None:
+            log.warning(
+                "refused %s %s from %s: %s", request.method, request.path, request.remote, problem
+            )
+            raise ApiError(problem, None, 401)
+    return await handler(request)
 
 
 async def _read_body(request: web.Request) -> dict[str, Any]:
@@ -144,22 +168,35 @@ async def health(request: web.Request) -> web.StreamResponse:
 
 
 async def _start(app: web.Application) -> None:
-    app[UPSTREAM] = Upstream(app[TARGET])
+    app[UPSTREAM] = Upstream(app[TARGET], app[CREDENTIALS])
 
 
 async def _close(app: web.Application) -> None:
     await app[UPSTREAM].close()
 
 
-def build_app(target: str, max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
-    """The aiohttp application serving the OpenAI routes in front of the server at `target`.
+def build_app(
+    target: str,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    credentials: Credentials | None = None,
+    api_keys: Sequence[str] = (),
+    metrics: GatewayMetrics | None = None,
+) -> web.Application:
+    """The aiohttp application serving the OpenAI routes in front of the server at `target`,
+    called with `credentials`; with `api_keys`, clients must send one of them; with `metrics`,
+    every request is counted there.
 
     Serve it with handler cancellation on (`run_gateway` does): that is how a client that
     disconnects from a non-streaming request cancels its gRPC calls."""
     # The middleware refuses a declared length over the limit before reading; aiohttp refuses
     # a chunked body once it reads past it.
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[openai_errors])
+    middlewares: list[Middleware] = [openai_errors, require_key]
+    if metrics is not None:  # outermost: it counts what the others answer
+        middlewares.insert(0, metrics.middleware())
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[TARGET] = target
+    app[CREDENTIALS] = credentials or Credentials()
+    app[KEYS] = KeyCheck(api_keys)
     app[MAX_BODY] = max_body_bytes
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -13,6 +13,7 @@ _INTERNAL = (500, "internal_error")
 _STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    # From the server: it refused the gateway's own key (the message names --target-api-key).
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
@@ -121,6 +122,8 @@ def rpc_error(e: grpc.aio.AioRpcError, body: dict[str, Any] | None, chat: bool) 
     path in the message becomes the OpenAI field."""
     status, kind = _STATUS.get(e.code(), _INTERNAL)
     message = e.details() or e.code().name
+    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+        message = f"the server refused the gateway's API key (--target-api-key): {message}"
     param = None
     if body is not None:
         m = _FIELD_PATH.match(message)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Sequence
+
+from minisgl.gateway.upstream import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +49,64 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
-def run_gateway(target: str, host: str, port: int) -> int:
-    """Serve until interrupted (SIGINT / SIGTERM). ValueError (one line) if it cannot listen."""
+def run_gateway(
+    target: str,
+    host: str,
+    port: int,
+    upstream: Credentials | None = None,
+    https: tuple[str, str] | None = None,
+    api_keys: Sequence[str] = (),
+    metrics_port: int | None = None,
+) -> int:
+    """Serve until interrupted (SIGINT / SIGTERM). ValueError (one line) if it cannot listen.
+
+    `upstream`: how to call the server (TLS, the gateway's key); `https`: (certificate, key)
+    files to serve HTTPS with; `api_keys`: the keys clients must send (none: no check);
+    `metrics_port`: serve Prometheus metrics on host:metrics_port/metrics (None: off)."""
     try:
         from aiohttp import web
     except ImportError:
         log.error("the HTTP gateway needs aiohttp: pip install 'minisgl[http]'")
         return 2
     from minisgl.gateway.app import build_app
+    from minisgl.server.security import server_ssl_context
 
+    creds = upstream or Credentials()
+    ssl_context = None if https is None else server_ssl_context(*https)
     socks = listen(host, port)
-    log.info("OpenAI-compatible gateway on http://%s:%d -> gRPC %s", host, port, target)
-    web.run_app(
-        build_app(target),
-        sock=socks,
-        print=None,
-        access_log=None,
-        handler_cancellation=True,  # a client that disconnects cancels its calls
+    metrics = metrics_server = None
+    if metrics_port is not None:
+        from minisgl.gateway.metrics import GatewayMetrics
+        from minisgl.metrics import MetricsServer
+
+        metrics = GatewayMetrics()
+        try:
+            metrics_server = MetricsServer(host, metrics_port, metrics.registry)
+        except ValueError:
+            for sock in socks:
+                sock.close()
+            raise
+        log.info("gateway metrics on http://%s:%d/metrics", host, metrics_port)
+    log.info(
+        "OpenAI-compatible gateway on %s://%s:%d (%s) -> gRPC %s (%s, %s)",
+        "http" if https is None else "https",
+        host,
+        port,
+        f"{len(api_keys)} API keys" if api_keys else "no API key",
+        target,
+        "plaintext" if creds.tls is None else "TLS",
+        "no key" if creds.api_key is None else "with --target-api-key",
     )
+    try:
+        web.run_app(
+            build_app(target, credentials=creds, api_keys=api_keys, metrics=metrics),
+            sock=socks,
+            ssl_context=ssl_context,
+            print=None,
+            access_log=None,
+            handler_cancellation=True,  # a client that disconnects cancels its calls
+        )
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
     return 0

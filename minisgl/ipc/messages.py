@@ -50,17 +50,23 @@ class AbortReq(msgspec.Struct, tag=True):
 
 
 class TokenOut(msgspec.Struct, array_like=True):
-    """One request's result of one step. token_id -1 with finish_reason "abort": dropped."""
+    """One request's result of one step: a new token, and whether it finished.
+
+    `Scheduler.step` returns these; the server's scheduler process sends them on as they are,
+    and the offline API reads them in `LLM._on_event`. token_id -1 with finish_reason "abort"
+    (sent by the scheduler process when it aborts a request): no token, the request is gone.
+    """
 
     rid: str
     token_id: int
     logprob: float | None
-    top: list[tuple[int, float]] | None
-    finish_reason: str | None
+    top: list[tuple[int, float]] | None  # the top_logprobs (id, logprob) pairs of this token
+    finish_reason: FinishReason | None
     matched_stop: int | None
     prompt_tokens: int
     cached_tokens: int
-    # On a request's first output only: what the detokenizer needs to know about it.
+    # On a request's first token only: what the detokenizer needs to know about it (its stop
+    # strings and detokenization options), so they travel in one pipe ahead of its tokens.
     params: SamplingParams | None = None
 
 

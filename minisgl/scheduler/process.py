@@ -29,10 +29,11 @@ from minisgl.ipc.messages import (
     TokenOut,
 )
 from minisgl.ipc.transport import Endpoints, Receiver, Sender
+from minisgl.metrics import EngineMetrics, enable_multiprocess
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.engine import Engine, build_engine
-from minisgl.scheduler.request import TokenEvent
 from minisgl.scheduler.scheduler import Scheduler
+from minisgl.scheduler.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +81,6 @@ def _load(sched: Scheduler) -> Load:
     )
 
 
-def _to_out(ev: TokenEvent, params: SamplingParams | None) -> TokenOut:
-    return TokenOut(
-        ev.rid,
-        ev.token_id,
-        ev.logprob,
-        ev.top_logprobs,
-        ev.finish_reason,
-        ev.matched_stop,
-        ev.prompt_tokens,
-        ev.cached_tokens,
-        params,
-    )
-
-
 def add_request(sched: Scheduler, msg: NewReq) -> ReqError | None:
     """Queue one request; a ReqError for the frontend if it cannot run. Never raises."""
     try:
@@ -106,12 +93,24 @@ def add_request(sched: Scheduler, msg: NewReq) -> ReqError | None:
     return None
 
 
-def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, tp_port: int | None = None) -> None:
+def run_scheduler(
+    cfg: EngineConfig,
+    endpoints: Endpoints,
+    tp_port: int | None = None,
+    metrics_dir: str | None = None,
+    log_stats_interval_s: float = 0.0,
+) -> None:
     """Load, warm up, announce ModelInfo, then loop: take messages, step, send outputs.
 
     With tensor parallelism this is rank 0; the launcher starts the other ranks
-    (`setup.run_follower`) with the same `tp_port`, and they follow this one.
+    (`engine.run_follower`) with the same `tp_port`, and they follow this one. With
+    `metrics_dir` (--metrics-port) it records the engine metrics there (minisgl.metrics);
+    every `log_stats_interval_s` seconds while busy it logs its throughput (0: never).
     """
+    metrics: EngineMetrics | None = None
+    if metrics_dir is not None:
+        enable_multiprocess(metrics_dir)  # before anything imports prometheus_client
+        metrics = EngineMetrics()
     engine = build_engine(cfg, 0, tp_port)
     sched = engine.scheduler
     warm_up(sched)
@@ -122,7 +121,7 @@ def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, tp_port: int | None =
     to_frontend.send(model_info(engine))
     log.info("scheduler ready")
     try:
-        _serve(sched, inbox, to_detok, to_frontend)
+        _serve(sched, inbox, to_detok, to_frontend, Telemetry(sched, metrics, log_stats_interval_s))
     except Exception:
         log.exception("engine fault: the scheduler exits and every request fails")
         sys.exit(1)
@@ -130,9 +129,10 @@ def run_scheduler(cfg: EngineConfig, endpoints: Endpoints, tp_port: int | None =
     engine.close()
 
 
-def _serve(sched: Scheduler, inbox: Receiver, to_detok: Sender, to_frontend: Sender) -> None:
+def _serve(
+    sched: Scheduler, inbox: Receiver, to_detok: Sender, to_frontend: Sender, telemetry: Telemetry
+) -> None:
     """The serving loop, until Shutdown."""
-    new_params: dict[str, SamplingParams] = {}  # requests whose first output is not out yet
     last_load: Load | None = None
     last_load_time = 0.0
     while True:
@@ -142,18 +142,20 @@ def _serve(sched: Scheduler, inbox: Receiver, to_detok: Sender, to_frontend: Sen
                 return
             if isinstance(msg, NewReq):
                 error = add_request(sched, msg)
-                if error is None:
-                    new_params[msg.rid] = msg.params
-                else:
+                if error is not None:
                     to_frontend.send(error)
+                else:
+                    telemetry.added(msg.rid)
             elif isinstance(msg, AbortReq) and sched.abort(msg.rid):
-                new_params.pop(msg.rid, None)
+                telemetry.aborted(msg.rid)
                 abort = TokenOut(msg.rid, -1, None, None, "abort", None, 0, 0)
                 to_detok.send(StepOut([abort]))
         if sched.has_work():
-            events = sched.step()
-            if events:
-                to_detok.send(StepOut([_to_out(e, new_params.pop(e.rid, None)) for e in events]))
+            started = time.monotonic()
+            outputs = sched.step()  # each request's first one carries its params
+            telemetry.stepped(time.monotonic() - started, outputs)
+            if outputs:
+                to_detok.send(StepOut(outputs))
         now = time.monotonic()
         if now - last_load_time >= LOAD_INTERVAL_S:
             load = _load(sched)
@@ -161,3 +163,4 @@ def _serve(sched: Scheduler, inbox: Receiver, to_detok: Sender, to_frontend: Sen
                 to_frontend.send(load)
                 last_load = load
             last_load_time = now
+            telemetry.update()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minisgl.kvcache.radix import Node
-from minisgl.sampling_params import SamplingParams
+from minisgl.sampling_params import FinishReason, SamplingParams
 
 
 @dataclass(eq=False)
@@ -31,7 +31,7 @@ class Req:
     cached_tokens: int = -1  # prompt tokens reused at first admission; -1 until admitted
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     matched_stop: int | None = None
 
     @property
@@ -65,17 +65,3 @@ class Req:
         return (self.prompt_ids[start:] if start < n else []) + self.output_ids[
             max(start - n, 0) : end - n
         ]
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """What one step produced for one request: a new token, and whether it finished."""
-
-    rid: str
-    token_id: int
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # "stop" | "length" | None while running
-    matched_stop: int | None
-    prompt_tokens: int
-    cached_tokens: int

@@ -8,8 +8,9 @@ Each step (`step`) is schedule, run, postprocess:
    prefix and gets pages for the rest of its prompt at once.
 2. `_launch` hands the plan to the ModelRunner, which owns every device tensor, as a plain
    StepPlan; the forward and sampling are queued on the device.
-3. `_complete` reads a launched step's tokens back, checks stop conditions and reports a
-   TokenEvent for each request that produced a token.
+3. `_complete` (`postprocess.complete`) reads a launched step's tokens back, checks stop
+   conditions and reports a TokenOut (the wire struct, `ipc.messages`) for each request that
+   produced a token; a request's first one carries its params, for the detokenizer.
 
 Pages and page-table rows are managed by `KVPages` (scheduler/pages.py), with the prefix cache
 behind it; the tensor-parallel protocol is `TPSync` (scheduler/tp_sync.py).
@@ -40,14 +41,15 @@ from dataclasses import dataclass
 
 from minisgl.config import EngineConfig
 from minisgl.engine.model_runner import ModelRunner
-from minisgl.engine.step import LaunchedStep
+from minisgl.ipc.messages import TokenOut
 from minisgl.kvcache.allocator import PageAllocator
 from minisgl.kvcache.prefix import PrefixCache
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import build_step_plan
 from minisgl.scheduler.pages import KVPages
 from minisgl.scheduler.policy import AdmissionPolicy
-from minisgl.scheduler.request import Req, TokenEvent
+from minisgl.scheduler.postprocess import Launched, complete
+from minisgl.scheduler.request import Req
 from minisgl.scheduler.tp_sync import AbortOp, AddOp, Fingerprint, ReleaseCacheOp, TPSync
 
 log = logging.getLogger(__name__)
@@ -76,15 +78,6 @@ class SchedulerStats:
         return 1.0 - self.free_pages / self.total_pages
 
 
-@dataclass
-class _Launched:
-    """A step whose forward and sampling were queued on the device, tokens not yet read."""
-
-    plan: list[tuple[Req, int]]
-    out_index: list[int]  # per row: index of its placeholder in req.output_ids, -1 if none
-    step: LaunchedStep
-
-
 class Scheduler:
     """Owns the queues and the requests' pages; hands the ModelRunner one plan per step."""
 
@@ -106,7 +99,7 @@ class Scheduler:
         self.overlap = runner.overlap
         self._steps = 0
         self._token_digest = 0  # hash of every token read back (ranks compare it)
-        self._in_flight: _Launched | None = None
+        self._in_flight: Launched | None = None
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # in admission order: retraction takes from the end
         self._prompt_tokens = self._cached_tokens = self._computed_tokens = 0
@@ -225,7 +218,7 @@ class Scheduler:
 
     # ----- one step: schedule, run, postprocess -------------------------------------------
 
-    def step(self) -> list[TokenEvent]:
+    def step(self) -> list[TokenOut]:
         """Launch the next batch; return the tokens of the step that completed.
 
         Without overlap that is this step; with it, the previous one (so the GPU already has
@@ -238,7 +231,7 @@ class Scheduler:
         done, self._in_flight = self._in_flight, launched
         return self._complete(done) if done else []
 
-    def _launch(self) -> _Launched | None:
+    def _launch(self) -> Launched | None:
         """Plan a batch, hand it to the runner, and advance the requests in it."""
         plan = self._schedule()
         if not plan:
@@ -260,7 +253,7 @@ class Scheduler:
                 out_index.append(len(req.output_ids))
                 req.output_ids.append(-1 - (step.first_slot + i))
         self._computed_tokens += sum(n for _, n in plan)
-        return _Launched(plan, out_index, step)
+        return Launched(plan, out_index, step)
 
     def _schedule(self) -> list[tuple[Req, int]]:
         """Pick (request, number of new tokens) pairs for this step."""
@@ -337,44 +330,13 @@ class Scheduler:
         """Whether another token may follow the (possibly unread) tokens the request has."""
         return req.remaining_new_tokens > 0 and req.seq_len < self.max_model_len
 
-    def _complete(self, launched: _Launched) -> list[TokenEvent]:
-        """Read back a launched step's tokens, check stop conditions, finish requests."""
-        ids, lps, top_ids, top_lps = launched.step.read()
-        self._token_digest = hash((self._token_digest, *ids))
-        events: list[TokenEvent] = []
-        for i, (req, _) in enumerate(launched.plan):
-            idx = launched.out_index[i]
-            if idx < 0 or req.finish_reason is not None:
-                continue  # no token, or the request ended (stopped or aborted) meanwhile
-            token = ids[i]
-            req.output_ids[idx] = token
-            logprob = top = None
-            if req.params.logprobs and lps is not None:
-                logprob = lps[i]
-                req.logprobs.append(logprob)
-            if req.params.top_logprobs and top_ids is not None and top_lps is not None:
-                k = req.params.top_logprobs
-                top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=True))
-                req.top_logprobs.append(top)
-            if token in req.stop_ids and idx + 1 >= req.params.min_new_tokens:
-                req.finish_reason, req.matched_stop = "stop", token
-            elif idx + 1 >= req.max_new_tokens or req.resolved_len >= self.max_model_len:
-                req.finish_reason = "length"
-            events.append(
-                TokenEvent(
-                    req.rid,
-                    token,
-                    logprob,
-                    top,
-                    req.finish_reason,
-                    req.matched_stop,
-                    len(req.prompt_ids),
-                    req.cached_tokens,
-                )
-            )
-            if req.finish_reason is not None:
-                self._retire(req)
-        return events
+    def _complete(self, launched: Launched) -> list[TokenOut]:
+        """Read back a launched step's tokens and take the finished requests out."""
+        done = complete(launched, self.max_model_len)
+        self._token_digest = hash((self._token_digest, *done.token_ids))
+        for req in done.finished:
+            self._retire(req)
+        return done.outputs
 
     def _retire(self, req: Req) -> None:
         """Take a finished request out of the running batch (or the queue, if retracted)."""

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
+
+from minisgl.server.security import TlsFiles
+
+LogFormat = Literal["text", "json"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,20 @@ class ServerConfig:
     max_connection_age_s: float = 1800.0
     """Connections are closed (gracefully) after this long, so load balancers can rebalance."""
     log_level: str = "INFO"
+    log_format: LogFormat = "text"
+    """text lines, or JSON lines (one object per record; request lines carry their fields)."""
+    log_stats_interval_s: float = 10.0
+    """While busy, the scheduler logs its throughput this often (0: never)."""
+    metrics_port: int | None = None
+    """Where Prometheus metrics are served over HTTP (/metrics, on --host); None: off."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Bounds on each request's input."""
+    tls: TlsFiles | None = None
+    """The port's certificate and key (None: plaintext); with a CA, clients must present a
+    certificate it signed (mTLS)."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Keys a call must carry as `authorization: Bearer <key>` (all but grpc.health.v1);
+    none: no key needed."""
 
     def __post_init__(self) -> None:
         """Raise ValueError, naming the flag, on a value the server cannot run with."""
@@ -79,6 +96,15 @@ class ServerConfig:
         if not 0 < self.max_connection_age_s < math.inf:
             age = self.max_connection_age_s
             raise ValueError(f"--max-connection-age: must be a finite number > 0, not {age}")
+        if self.metrics_port is not None:
+            check_port(self.metrics_port, "--metrics-port")
+            if self.metrics_port == self.port:
+                raise ValueError(f"--metrics-port: {self.metrics_port} is the gRPC --port too")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"--log-format: must be text or json, not {self.log_format!r}")
+        if not 0 <= self.log_stats_interval_s < math.inf:
+            interval = self.log_stats_interval_s
+            raise ValueError(f"--log-stats-interval: must be a finite number >= 0, not {interval}")
 
 
 def check_port(port: int, flag: str = "--port") -> None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeAlias
@@ -44,6 +45,8 @@ from minisgl.ipc.messages import (
 from minisgl.ipc.transport import AsyncReceiver, AsyncSender, Endpoints
 from minisgl.server import convert
 from minisgl.server.config import ServerConfig
+from minisgl.server.metrics import CountRpcs, RequestTimer, RpcMetrics
+from minisgl.server.security import AUTH_HEADER, KeyCheck
 from minisgl.v1 import (
     common_pb2,
     generation_pb2,
@@ -83,8 +86,12 @@ READY_WORKERS = frozenset({"tokenizer", "detokenizer"})
 class Frontend:
     """Shared state of the servicers: the workers' sockets, in-flight requests, health."""
 
-    def __init__(self, cfg: ServerConfig, endpoints: Endpoints) -> None:
+    def __init__(
+        self, cfg: ServerConfig, endpoints: Endpoints, metrics: RpcMetrics | None = None
+    ) -> None:
         self.cfg = cfg
+        self.metrics = metrics
+        """With --metrics-port: the RPC metrics (server/metrics.py)."""
         self.zmq = zmq.asyncio.Context()
         self.inbox = AsyncReceiver(self.zmq, endpoints.frontend)
         self.to_tokenizer = AsyncSender(self.zmq, endpoints.tokenizer)
@@ -192,6 +199,7 @@ class Frontend:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[Delta]:
         """Validate, submit and yield deltas until the request finishes; abort if abandoned."""
+        timer = RequestTimer()
         info = await self.check_available(context)
         label = request.request_id or uuid.uuid4().hex
         rid = str(next(self._rids))
@@ -216,6 +224,10 @@ class Frontend:
         self.labels[label] = (rid, ended)
         self.awaiting_first.add(rid)
         finished = sent = False
+        status = "CANCELLED"  # until it finishes or fails
+        first: Delta | None = None
+        last: Delta | None = None
+        generated = 0
         try:
             await context.send_initial_metadata((("x-request-id", label),))
             log.debug("request %s is call %s", label, rid)
@@ -226,9 +238,15 @@ class Frontend:
                 self.awaiting_first.discard(rid)
                 if isinstance(item, ReqError):
                     finished = True
+                    status = _CODES[item.code].name
                     await context.abort(_CODES[item.code], item.message)
                 assert isinstance(item, Delta)
+                timer.tokens(len(item.token_ids))
+                generated += len(item.token_ids)
+                first, last = first or item, item
                 finished = item.finish_reason is not None
+                if finished:
+                    status = "OK"
                 item.rid = label  # the client knows its call by its label
                 yield item
                 if finished:
@@ -242,6 +260,11 @@ class Frontend:
             if sent and not finished:  # cancelled, deadline passed, or the stream was dropped
                 log.info("aborting %s (call %s)", label, rid)
                 self.to_tokenizer.send(AbortReq(rid))
+            if sent:
+                reason = last.finish_reason if last is not None else None
+                if self.metrics is not None:
+                    timer.observe(self.metrics, reason or ("abort" if status != "OK" else None))
+                _log_request(label, rid, first, generated, timer, reason, status)
 
     async def _wait_label(self, label: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """ALREADY_EXISTS unless the call that has `label` is abandoned within LABEL_RELEASE_S.
@@ -336,6 +359,43 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 )
                 msg.usage.CopyFrom(_usage(info, generated))
             yield msg
+
+
+def _log_request(
+    label: str,
+    rid: str,
+    first: Delta | None,
+    generated: int,
+    timer: RequestTimer,
+    reason: str | None,
+    status: str,
+) -> None:
+    """The one info line of a finished generation call (never its prompt or its text)."""
+    fields = {
+        "request_id": label,
+        "call": rid,
+        "prompt_tokens": first.prompt_tokens if first is not None else 0,
+        "cached_tokens": first.cached_tokens if first is not None else 0,
+        "generated_tokens": generated,
+        "ttft_s": None if timer.ttft is None else round(timer.ttft, 6),
+        "duration_s": round(time.monotonic() - timer.start, 6),
+        "finish_reason": reason,
+        "status": status,
+    }
+    log.info(
+        "request %s (call %s): prompt %d, cached %d, generated %d tokens, ttft %s, "
+        "duration %.3f s, finish %s, status %s",
+        label,
+        rid,
+        fields["prompt_tokens"],
+        fields["cached_tokens"],
+        generated,
+        "-" if timer.ttft is None else f"{timer.ttft:.3f} s",
+        fields["duration_s"],
+        reason,
+        status,
+        extra={"fields": fields},
+    )
 
 
 def _usage(info: common_pb2.PromptInfo, generated: int) -> common_pb2.Usage:
@@ -494,6 +554,75 @@ def _lenient(handler: _Handler, desc: Descriptor) -> _Handler:
     return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
 
 
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+"""Methods that need no API key: health (probes and load balancers carry no key) and server
+reflection (it tells only the schema, which proto/ publishes anyway; grpcurl needs it to call
+even health without a .proto file)."""
+
+
+class RequireApiKey(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """With API keys configured, every call but health and reflection (OPEN_PREFIXES) must
+    carry `authorization: Bearer <key>` with one of them; others get UNAUTHENTICATED, and a
+    warning is logged with the method, the peer and what was wrong, never the key."""
+
+    def __init__(self, keys: KeyCheck) -> None:
+        self.keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        method = handler_call_details.method
+        if method.startswith(OPEN_PREFIXES):
+            return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata or ()
+        header = next((str(v) for k, v in metadata if k == AUTH_HEADER), None)
+        problem = self.keys.problem(header)
+        handler = await continuation(handler_call_details)
+        if problem is None or handler is None:
+            return handler
+        return _refusal(handler, method, problem)
+
+
+def _refusal(handler: _Handler, method: str, problem: str) -> _Handler:
+    """A handler of `handler`'s kind that logs the refusal and answers UNAUTHENTICATED,
+    without parsing the request."""
+
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        log.warning("refused %s from %s: %s", method, context.peer(), problem)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+    def ignore(data: bytes) -> None:
+        return None
+
+    serialize = handler.response_serializer
+    if handler.request_streaming:
+
+        async def stream_in(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await refuse(context)
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(stream_in, ignore, serialize)
+        return grpc.stream_unary_rpc_method_handler(stream_in, ignore, serialize)
+    if handler.response_streaming:
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await refuse(context)
+            yield  # never reached: an async generator, as a streaming handler must be
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, ignore, serialize)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await refuse(context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, ignore, serialize)
+
+
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     """Message size limits, keepalive policy and connection age for the gRPC server."""
     return [
@@ -515,9 +644,13 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 
 def build_server(fe: Frontend) -> grpc.aio.Server:
     """The grpc.aio server with every service, health and reflection registered."""
-    server = grpc.aio.server(
-        options=server_options(fe.cfg), interceptors=[RejectMalformed(SERVICE_NAMES)]
-    )
+    keys = KeyCheck(fe.cfg.api_keys)
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformed(SERVICE_NAMES)]
+    if keys:  # first: a call without a key is refused before its request is parsed
+        interceptors.insert(0, RequireApiKey(keys))
+    if fe.metrics is not None:  # first, so that it counts every call, refused ones too
+        interceptors.insert(0, CountRpcs(fe.metrics))
+    server = grpc.aio.server(options=server_options(fe.cfg), interceptors=interceptors)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(fe), server)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(fe), server)
     health_pb2_grpc.add_HealthServicer_to_server(fe.health, server)

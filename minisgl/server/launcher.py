@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import importlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -25,7 +26,7 @@ import time
 from collections.abc import Collection
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minisgl.config import EngineConfig
 from minisgl.distributed.rendezvous import free_port
@@ -33,6 +34,11 @@ from minisgl.ipc.messages import Shutdown
 from minisgl.ipc.transport import Endpoints, encode
 from minisgl.models.source import resolve_model
 from minisgl.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    import grpc
+
+    from minisgl.server.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +48,47 @@ PREFLIGHT_S = 300.0
 FOLLOWER_PREFIX = "scheduler_rank"
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-        force=True,
-    )
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
-def _child_main(module: str, fn: str, level: str, args: tuple[Any, ...]) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, process, logger, message, the record's
+    `fields` (the request and throughput lines pass theirs in `extra`), and any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "process": record.processName,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at `level`, as text lines or (log_format "json") JSON lines."""
+    handler = logging.StreamHandler()
+    json_lines = log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _child_main(
+    module: str, fn: str, level: str, args: tuple[Any, ...], log_format: str = "text"
+) -> None:
     """Entry point of every worker: dies with the parent, leaves signals to the parent."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die if the frontend dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    setup_logging(level)
+    setup_logging(level, log_format)
     getattr(importlib.import_module(module), fn)(*args)
 
 
@@ -65,7 +96,13 @@ class Workers:
     """The worker processes (tokenizer, detokenizer, scheduler and, with --tp-size N, the
     scheduler's other N-1 tensor-parallel ranks) and their shutdown."""
 
-    def __init__(self, cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) -> None:
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        scfg: ServerConfig,
+        endpoints: Endpoints,
+        metrics_dir: str | None = None,
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         specs = {
             "tokenizer": ("minisgl.tokenizer.worker", "run_tokenizer"),
@@ -75,9 +112,11 @@ class Workers:
         self.endpoints = endpoints
         self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
         args: dict[str, tuple[Any, ...]] = {name: (cfg, endpoints) for name in specs}
+        telemetry = (metrics_dir, scfg.log_stats_interval_s)
+        args["scheduler"] = (cfg, endpoints, None, *telemetry)
         if cfg.tp_size > 1:  # the other tensor-parallel ranks follow the scheduler (rank 0)
             port = free_port()
-            args["scheduler"] = (cfg, endpoints, port)
+            args["scheduler"] = (cfg, endpoints, port, *telemetry)
             for rank in range(1, cfg.tp_size):
                 name = f"{FOLLOWER_PREFIX}{rank}"
                 specs[name] = ("minisgl.scheduler.engine", "run_follower")
@@ -85,7 +124,7 @@ class Workers:
         for name, (module, fn) in specs.items():
             proc = ctx.Process(
                 target=_child_main,
-                args=(module, fn, scfg.log_level, args[name]),
+                args=(module, fn, scfg.log_level, args[name], scfg.log_format),
                 name=name,
                 daemon=True,
             )
@@ -135,13 +174,39 @@ class Workers:
 
 
 async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) -> int:
+    """With --metrics-port, the metrics endpoint around `_serve_grpc` (minisgl.metrics: the
+    scheduler writes its metrics into a directory of the private temporary one, which the
+    frontend's endpoint reads with its own)."""
+    if scfg.metrics_port is None:
+        return await _serve_grpc(cfg, scfg, endpoints)
+    from minisgl.server.metrics import start_metrics
+
+    metrics_dir = endpoints.root / "metrics"
+    metrics_dir.mkdir(mode=0o700)
+    metrics, metrics_server = start_metrics(scfg.host, scfg.metrics_port, str(metrics_dir))
+    try:
+        return await _serve_grpc(cfg, scfg, endpoints, metrics, str(metrics_dir))
+    finally:
+        metrics_server.close()
+
+
+async def _serve_grpc(
+    cfg: EngineConfig,
+    scfg: ServerConfig,
+    endpoints: Endpoints,
+    metrics: RpcMetrics | None = None,
+    metrics_dir: str | None = None,
+) -> int:
     from minisgl.server.frontend import Frontend, build_server
 
-    fe = Frontend(scfg, endpoints)
+    fe = Frontend(scfg, endpoints, metrics)
     server = build_server(fe)
     address = grpc_address(scfg.host, scfg.port)
     try:
-        bound = server.add_insecure_port(address)
+        if scfg.tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, server_credentials(scfg))
     except RuntimeError:  # grpcio raises where older versions returned 0
         bound = 0
     if bound == 0:  # check_address passed, so something took the port since
@@ -149,8 +214,8 @@ async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) ->
         raise ValueError(f"--host {scfg.host} --port {scfg.port}: cannot listen on {address}")
     await fe.set_health(False)
     await server.start()
-    log.info("listening on %s (NOT_SERVING until the model is warm)", address)
-    workers = Workers(cfg, scfg, endpoints)
+    log.info("listening on %s, %s (NOT_SERVING until the model is warm)", address, _security(scfg))
+    workers = Workers(cfg, scfg, endpoints, metrics_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -185,6 +250,25 @@ async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) ->
         fe.zmq.destroy(linger=0)
     log.info("stopped")
     return code
+
+
+def server_credentials(scfg: ServerConfig) -> grpc.ServerCredentials:
+    """TLS credentials of the gRPC port; with a client CA, clients must present a certificate
+    it signed (mTLS)."""
+    import grpc
+
+    tls = scfg.tls
+    assert tls is not None and tls.cert is not None and tls.key is not None
+    return grpc.ssl_server_credentials(
+        [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=tls.ca is not None
+    )
+
+
+def _security(scfg: ServerConfig) -> str:
+    """How the port is protected, for the start-up log (never a key)."""
+    tls = "plaintext" if scfg.tls is None else "TLS" if scfg.tls.ca is None else "mTLS"
+    keys = len(scfg.api_keys)
+    return f"{tls}, {f'{keys} API keys' if keys else 'no API key'}"
 
 
 def check_model(cfg: EngineConfig) -> None:
@@ -290,7 +374,12 @@ def serve(cfg: EngineConfig, scfg: ServerConfig) -> int:
     check_model(cfg)
     check_device(cfg, scfg.log_level)
     check_address(scfg.host, scfg.port)
-    setup_logging(scfg.log_level)
+    if scfg.metrics_port is not None:
+        try:
+            check_address(scfg.host, scfg.metrics_port)
+        except ValueError as e:
+            raise ValueError(f"--metrics-port {scfg.metrics_port}: {e}") from None
+    setup_logging(scfg.log_level, scfg.log_format)
     root = Path(tempfile.mkdtemp(prefix="minisgl-"))
     os.chmod(root, 0o700)
     try:

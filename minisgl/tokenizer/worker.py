@@ -38,7 +38,7 @@ from minisgl.ipc.messages import (
 )
 from minisgl.ipc.transport import Endpoints, Receiver, Sender
 from minisgl.models.source import resolve_model
-from minisgl.sampling_params import FinishReason, as_finish_reason
+from minisgl.sampling_params import FinishReason
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
@@ -224,7 +224,7 @@ def _detokenize(
         )
     detok = states[out.rid]
     text = ""
-    finish: FinishReason | None = as_finish_reason(out.finish_reason)
+    finish: FinishReason | None = out.finish_reason
     matched: int | str | None = out.matched_stop
     if detok is not None:
         text = detok.add([out.token_id])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minisgl.attention.registry import create_backend
-from tests.gpu import TOLERANCE, make_case, reference, run_backend
+from tests.helpers.attn_cases import TOLERANCE, make_case, reference, run_backend
 
 pytestmark = pytest.mark.gpu
 

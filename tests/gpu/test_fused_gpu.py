@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from minisgl.engine.sampler import row_hash
-from tests.fused_cases import check_rmsnorm, check_rotary, check_silu
+from tests.helpers.fused_cases import check_rmsnorm, check_rotary, check_silu
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

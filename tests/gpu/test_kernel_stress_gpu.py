@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from tests.gpu import TOLERANCE, make_case, reference, run_backend
+from tests.helpers.attn_cases import TOLERANCE, make_case, reference, run_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
-"""The real model on the GPU: SmolLM2-135M-Instruct (the GGUF of tests/real_model.py) through
-the default GPU path (Triton kernels, CUDA graphs), against HF transformers loading the same file
-on the same GPU.
+"""The real model on the GPU: SmolLM2-135M-Instruct (the GGUF of tests/helpers/real_model.py)
+through the default GPU path (Triton kernels, CUDA graphs), against HF transformers loading the
+same file on the same GPU.
 
 Each test runs transformers' `generate` first and then starts the engine in the same process:
 the conditions under which graph capture once read its buffers before they were filled (see
@@ -20,7 +20,7 @@ import torch
 from minisgl import LLM, SamplingParams
 from minisgl.models.source import resolve_model
 from minisgl.tokenizer.tokenizer import encode_prompt, tokenizer_for
-from tests.real_model import FRANCE, PROMPTS, smollm2_gguf
+from tests.helpers.real_model import FRANCE, PROMPTS, smollm2_gguf
 
 pytestmark = pytest.mark.gpu
 

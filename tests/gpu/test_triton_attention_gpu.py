@@ -15,7 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from tests.gpu import TOLERANCE, AttnCase, make_case, reference, run_backend
+from tests.helpers.attn_cases import TOLERANCE, AttnCase, make_case, reference, run_backend
 
 pytestmark = pytest.mark.gpu
 

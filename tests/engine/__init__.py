@@ -1,0 +1,1 @@
+"""The offline engine (`LLM`): scheduler, batching, parity, loading, tensor parallelism."""

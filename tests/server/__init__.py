@@ -1,0 +1,1 @@
+"""Real server, gateway and CLI processes, talked to with real clients."""

@@ -1,0 +1,1 @@
+"""Pure functions and small classes, no engine; the Triton kernels under the interpreter."""

@@ -85,6 +85,13 @@ def test_counters_and_histograms_match_the_requests(served: tuple[Server, int]) 
     assert cached > 0  # the later ones reused the first one's pages
     after = settled(port, before, "minisgl:cached_tokens_total", cached)
 
+    def idle() -> Samples | None:  # the gauges are refreshed every 20 ms, like the counters
+        now = scrape(port)
+        running = value(now, "minisgl:num_requests_running")
+        return now if running == 0 and value(now, "minisgl:num_requests_waiting") == 0 else None
+
+    after = wait_until(idle, 10.0, "the running and waiting gauges to drop to 0")
+
     # Engine counters (the scheduler's), exactly what the requests predict.
     assert delta(after, before, "minisgl:prompt_tokens_total") == n * len(prompt)
     assert delta(after, before, "minisgl:cached_tokens_total") == cached

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from minisgl.bench import report
-from minisgl.bench.plot import MissingMatplotlib, plot_ablation, require_matplotlib
+from minisgl.bench.plot import exit_unless_plottable, plot_ablation
 from minisgl.cli import add_engine_args, engine_options
 from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
@@ -309,10 +309,7 @@ def main() -> None:
     if any(not shlex.split(a) for a in args.ablate):
         ap.error("--ablate: a variant needs at least one engine flag")
     if args.plot:
-        try:
-            require_matplotlib()
-        except MissingMatplotlib as e:
-            sys.exit(f"error: --plot: {e}")
+        exit_unless_plottable()
     if args.ablate:
         result = run_ablation(sys.argv[1:], args.ablate, args.hf_baseline)
     else:

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ import grpc
 
 from minisgl.bench import report
 from minisgl.bench.grpc_overhead import local_server
-from minisgl.bench.plot import MissingMatplotlib, plot_sweep, require_matplotlib
+from minisgl.bench.plot import exit_unless_plottable, plot_sweep
 from minisgl.v1 import (
     common_pb2,
     generation_pb2,
@@ -212,10 +211,7 @@ def main() -> None:
     if args.plot and not args.sweep_rates:
         ap.error("--plot needs --sweep-rates")
     if args.plot:
-        try:
-            require_matplotlib()
-        except MissingMatplotlib as e:
-            sys.exit(f"error: --plot: {e}")
+        exit_unless_plottable()
     lengths = (args.input_len, args.output_len, args.seed, args.timeout)
 
     async def measure(target: str) -> dict[str, Any]:

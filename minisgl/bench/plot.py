@@ -11,6 +11,7 @@ the benchmarks run without it; `require_matplotlib` turns its absence into one c
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,14 @@ def require_matplotlib() -> Any:
         raise MissingMatplotlib(INSTALL_HINT) from e
     matplotlib.use("Agg")
     return importlib.import_module("matplotlib.pyplot")
+
+
+def exit_unless_plottable() -> None:
+    """Before any benchmark work: exit with one line naming the extra if matplotlib is missing."""
+    try:
+        require_matplotlib()
+    except MissingMatplotlib as e:
+        sys.exit(f"error: --plot: {e}")
 
 
 def plot_sweep(points: Sequence[dict[str, Any]], path: str, title: str) -> None:

@@ -1,10 +1,12 @@
-"""The `minisgl` command: serve over gRPC, an OpenAI HTTP gateway, generate offline, chat."""
+"""The `minisgl` command: serve over gRPC, an OpenAI HTTP gateway, generate offline, chat,
+health checks."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import fields
@@ -343,6 +345,12 @@ def _gateway(args: argparse.Namespace) -> int:
     )
 
 
+def _health(args: argparse.Namespace) -> int:
+    from minisgl.server.health_check import run
+
+    return run(args)
+
+
 def _presets(_: argparse.Namespace) -> int:
     from minisgl.models.source import preset_names
 
@@ -464,6 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--target-api-key-file", metavar="FILE", help="a file holding --target-api-key")
     gw.set_defaults(func=_gateway)
+    from minisgl.server.health_check import add_health_args
+
+    health = sub.add_parser(
+        "health",
+        parents=[common],
+        help="exit 0 if a server's grpc.health.v1 says SERVING, else 1 (container health "
+        "checks, Kubernetes exec probes)",
+    )
+    add_health_args(health, os.environ)
+    health.set_defaults(func=_health)
     pre = sub.add_parser(
         "presets", parents=[common], help="list the model configs usable with --dummy-weights"
     )

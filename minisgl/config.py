@@ -59,13 +59,26 @@ class EngineConfig:
         "GPU yet",
         choices=("auto", "torch", "triton", "flashinfer", "fa3"),
     )
+    kv_cache_dtype: str = option(
+        "auto",
+        "auto: the model's dtype. fp8_e4m3: K and V stored as float8_e4m3fn (half the bytes of "
+        "bf16, about twice the pages), quantised with one scale per layer for K and one for V: "
+        "the checkpoint's k_scale / v_scale tensors when it has them, else 1.0 (as vLLM does "
+        "without calibration); values beyond +-448 x scale saturate. Attention dequantises and "
+        "accumulates in float32. triton and torch attention only",
+        choices=("auto", "fp8_e4m3"),
+    )
     page_size: int = option(16, "tokens per KV-cache page")
     num_pages: int | None = option(
         None,
         "KV pool size in pages (default: sized from memory, by mem-fraction on GPU and "
         "cpu-kv-gib on CPU)",
     )
-    mem_fraction: float = option(0.85, "fraction of GPU memory for weights + KV cache")
+    mem_fraction: float = option(
+        0.85,
+        "fraction of the GPU's memory this process may take for weights + KV cache (memory "
+        "other processes hold does not count against it, so servers can share a GPU)",
+    )
     cpu_kv_gib: float = option(2.0, "KV cache budget on CPU, GiB, when num-pages is not given")
     max_running_requests: int = option(256, "most requests in the running batch")
     max_model_len: int | None = option(

@@ -74,6 +74,7 @@ class LLM:
         self.runner = engine.runner
         self.scheduler = engine.scheduler
         self.tokenizer = tokenizer_for(engine.source, self.config.tokenizer)
+        self.scheduler.use_tokenizer(self.tokenizer)  # for structured-output constraints
         self.text_unavailable = _text_unavailable(
             self.model_name, self.tokenizer, engine.source.config.vocab_size
         )
@@ -107,6 +108,7 @@ class LLM:
         params.validate(self.vocab_size)
         check_prompt(ids, None, self.vocab_size, self.max_model_len)
         rid = f"req-{next(self._ids)}"
+        # Compiles the constraint, if any (cached by constraint; ValueError naming its field).
         self.scheduler.add_request(rid, ids, params)
         detok = None
         if self.tokenizer is not None and self.text_unavailable is None and (params.stop or stream):

@@ -70,7 +70,8 @@ class EngineMetrics:
         )
         self.hit_rate = gauge(
             "minisgl:cache_hit_rate",
-            "Prompt tokens served from the radix (prefix) cache / prompt tokens, since start.",
+            "Prompt tokens served from the radix (prefix) cache / prompt tokens, since the "
+            "warm-up.",
         )
         self.prompt_tokens = Counter(
             "minisgl:prompt_tokens", "Prompt tokens of admitted requests.", registry=None

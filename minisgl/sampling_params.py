@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +27,12 @@ class SamplingParams:
     > 1 discourages) applies to prompt and output tokens; presence and frequency penalties
     (OpenAI style) to output tokens only.
     seed makes sampling reproducible regardless of what else is in the batch.
+
+    Structured output (at most one of these): json_schema (a JSON schema, as a string),
+    json_object (any JSON object), regex, grammar (EBNF as xgrammar takes it), choice (exactly
+    one of the given strings). Each step masks the tokens the constraint forbids; the request
+    ends with finish reason "stop" once the constraint is satisfied and allows nothing more,
+    or with "length" at max_new_tokens, when the output may be incomplete (not valid yet).
     """
 
     temperature: float = 1.0
@@ -44,10 +52,31 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field name, text) of the structured-output constraint, or None: the key of its
+        compiled grammar (choice as its JSON list, json_object as "")."""
+        if self.json_schema is not None:
+            return ("json_schema", self.json_schema)
+        if self.json_object:
+            return ("json_object", "")
+        if self.regex is not None:
+            return ("regex", self.regex)
+        if self.grammar is not None:
+            return ("grammar", self.grammar)
+        if self.choice is not None:
+            return ("choice", json.dumps(self.choice))
+        return None
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -89,3 +118,31 @@ class SamplingParams:
             raise bad("stop", "stop strings must be non-empty")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise bad("seed", "must be in [0, 2**63)")
+        self._validate_constraint(bad)
+
+    def _validate_constraint(self, bad: Callable[[str, str], ValueError]) -> None:
+        """The constraint's shape; whether it compiles is checked where it is compiled."""
+        given = [
+            name
+            for name in ("json_schema", "json_object", "regex", "grammar", "choice")
+            if getattr(self, name) not in (None, False)
+        ]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: only one constraint per request (also got {given[0]})")
+        for name in ("json_schema", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise bad(name, "must be a non-empty string")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except ValueError as e:
+                raise ValueError(f"json_schema: not valid JSON: {e}") from None
+            if not isinstance(schema, dict):
+                raise bad("json_schema", "must be a JSON object")
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise bad("choice", "must be a non-empty list of non-empty strings")
+        if given and self.min_new_tokens:
+            raise bad("min_new_tokens", f"must be 0 with a constraint ({given[0]})")

@@ -31,7 +31,9 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     page_size: int
-    k_caches: list[torch.Tensor]  # per layer [num_slots, num_kv_heads, head_dim]
+    # Per layer [num_slots, num_kv_heads, head_dim], in the model's dtype or float8_e4m3fn (an
+    # FP8 cache: its scales are the backend's kv_quant).
+    k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
     attn: AttentionBackend
 

@@ -6,7 +6,9 @@ without the library gives a clear error). They are used only when asked for by n
 (`--attention-backend flashinfer | fa3`), never picked by `auto`, and run decode eagerly (no
 CUDA graphs). The KV pool's per-layer [num_slots, Hkv, D] tensors are viewed as
 [num_pages + 1, page_size, Hkv, D], the "NHD" paged layout both libraries read; new K/V are
-stored by us before the library call, as in the other backends.
+stored by us before the library call, as in the other backends. Neither reads an FP8 cache
+here (supports_fp8_kv is False): `--kv-cache-dtype fp8_e4m3` with one of them is refused when
+the engine starts.
 """
 
 from __future__ import annotations

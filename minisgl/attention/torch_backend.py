@@ -1,11 +1,14 @@
-"""Reference attention in plain torch: works on CPU and GPU, pads the batch for one SDPA call."""
+"""Reference attention in plain torch: works on CPU and GPU, pads the batch for one SDPA call.
+
+An FP8 cache is dequantised after the gather (only the batch's slots), then SDPA runs in the
+model's dtype."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from minisgl.attention.base import AttentionBackend
+from minisgl.attention.base import FP8_DTYPE, AttentionBackend, dequantize_fp8, gather_fp8
 from minisgl.attention.batch import ForwardBatch
 
 
@@ -13,6 +16,7 @@ class TorchAttention(AttentionBackend):
     """Gathers each request's K/V from the pool into a padded tensor and runs SDPA with a mask."""
 
     name = "torch"
+    supports_fp8_kv = True
 
     def __init__(self, scale: float) -> None:
         self.scale = scale
@@ -52,8 +56,13 @@ class TorchAttention(AttentionBackend):
         q_pad = q.new_zeros(bsz * max_ext, num_heads, head_dim)
         q_pad[self._q_index] = q
         q_pad = q_pad.view(bsz, max_ext, num_heads, head_dim).transpose(1, 2)
-        keys = k_cache[self._slots].transpose(1, 2)  # [B, Hkv, L, D]
-        values = v_cache[self._slots].transpose(1, 2)
+        if k_cache.dtype == FP8_DTYPE:
+            k_scale, v_scale = self.scales(layer)
+            keys = dequantize_fp8(gather_fp8(k_cache, self._slots), k_scale, q.dtype)
+            values = dequantize_fp8(gather_fp8(v_cache, self._slots), v_scale, q.dtype)
+        else:
+            keys, values = k_cache[self._slots], v_cache[self._slots]
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
         out = F.scaled_dot_product_attention(
             q_pad, keys, values, attn_mask=self._mask, scale=self.scale, enable_gqa=True
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from minisgl.attention.base import AttentionBackend
+from minisgl.attention.base import FP8_DTYPE, AttentionBackend
 from minisgl.attention.batch import ForwardBatch
 from minisgl.kernels import attention as kernels
 from minisgl.transfer import HostToDevice
@@ -22,12 +22,16 @@ from minisgl.transfer import HostToDevice
 class TritonAttention(AttentionBackend):
     """Stores new K/V with torch indexing, then runs the decode or extend Triton kernel.
 
+    Reads an FP8 cache too (kv_quant): the kernels dequantise each tile as they load it, and on
+    CUDA one kernel quantises and stores the new K and V.
+
     num_splits, when given, fixes the decode kernel's number of KV splits (tests use it);
     otherwise it follows the batch size, kv heads, longest sequence and the GPU's SM count.
     """
 
     name = "triton"
     supports_cuda_graph = True
+    supports_fp8_kv = True
 
     def __init__(self, scale: float, num_splits: int | None = None) -> None:
         self.scale = scale
@@ -56,7 +60,9 @@ class TritonAttention(AttentionBackend):
                 )
             self.num_splits = max(1, min(splits, longest))
         if d < len(ext):
-            block_m = kernels.extend_config(head_dim, batch.k_caches[0].dtype).block_m
+            # The kernel's tiles follow the queries' dtype (the model's, also for an FP8 cache).
+            dtype = self.kv_quant.dtype if self.kv_quant is not None else batch.k_caches[0].dtype
+            block_m = kernels.extend_config(head_dim, dtype).block_m
             blocks = kernels.extend_blocks(ext, batch.seq_lens_cpu, block_m, first=d)
             self._blocks = self._h2d(blocks, torch.int32, device)
         else:
@@ -74,6 +80,19 @@ class TritonAttention(AttentionBackend):
             batch.batch_size, num_kv_heads, max_len, kernels.num_sms(batch.input_ids.device)
         )
 
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An FP8 cache on CUDA: one store kernel for K and V (quantising); else the base's."""
+        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
+        if k_cache.dtype != FP8_DTYPE or not k_cache.is_cuda:
+            return super().store_kv(k, v, layer, batch)
+        if self.kv_quant is None:
+            raise RuntimeError(f"{self.name} attention: an FP8 KV cache needs kv_quant set")
+        k_scale, v_scale = self.scales(layer)
+        kernels.store_kv_fp8(k, v, k_cache, v_cache, batch.out_slots, k_scale, v_scale)
+        return k_cache, v_cache
+
     def _empty(
         self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
@@ -84,6 +103,7 @@ class TritonAttention(AttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
         k_cache, v_cache = self.store_kv(k, v, layer, batch)
+        k_scale, v_scale = self.scales(layer)
         out = self._empty(q.shape, q.dtype, q.device)
         d = self._num_decode
         if d:
@@ -106,6 +126,8 @@ class TritonAttention(AttentionBackend):
                 self.num_splits,
                 self._mid_o,
                 self._mid_lse,
+                k_scale,
+                v_scale,
             )
         if self._blocks.numel():
             kernels.extend_attention(
@@ -120,5 +142,7 @@ class TritonAttention(AttentionBackend):
                 batch.extend_lens,
                 batch.page_size,
                 self.scale,
+                k_scale,
+                v_scale,
             )
         return out

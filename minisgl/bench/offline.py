@@ -41,6 +41,7 @@ import torch
 from minisgl.bench import report
 from minisgl.bench.plot import exit_unless_plottable, plot_ablation
 from minisgl.cli import add_engine_args, engine_options
+from minisgl.layers.moe import Experts
 from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
 
@@ -128,14 +129,24 @@ def _record_batches(llm: LLM, keep: int = 8) -> deque[tuple[int, int, int, int, 
     return recent
 
 
-def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) -> dict[str, Any]:
+def run_ours(
+    llm: LLM, reqs: list[tuple[list[int], int]], temperature: float, json_schema: str | None = None
+) -> dict[str, Any]:
+    """`json_schema`: every request constrained by it (it then ends where its JSON does)."""
     params = [
-        SamplingParams(temperature=temperature, max_new_tokens=n, ignore_eos=True, seed=i)
+        SamplingParams(
+            temperature=temperature,
+            max_new_tokens=n,
+            ignore_eos=True,
+            seed=i,
+            json_schema=json_schema,
+        )
         for i, (_, n) in enumerate(reqs)
     ]
     prompts: list[Any] = [p for p, _ in reqs]
     # Warm up with a few short requests (compilation, graph capture stay out of the timing).
-    llm.generate(prompts[:4], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    warm = SamplingParams(max_new_tokens=8, ignore_eos=True, json_schema=json_schema)
+    llm.generate(prompts[:4], warm)
     llm.scheduler.release_all_cache()
     before = llm.scheduler.stats()
     sync(llm.runner.device)
@@ -197,6 +208,24 @@ def run_ours(llm: LLM, reqs: list[tuple[list[int], int]], temperature: float) ->
             for name, (n, s) in phases.items()
         },
     }
+
+
+def decode_weight_bytes(model: torch.nn.Module, top_k: int) -> int:
+    """Bytes of weights a batch-1 decode step reads: every parameter once, except that a
+    mixture-of-experts layer reads only the `top_k` experts its one token is routed to
+    (top_k / E of its stacked expert weights; the router is read in full)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            size = p.numel() * p.element_size()
+            if isinstance(module, Experts):
+                size = size * top_k // module.num_experts
+            total += size
+    return total
 
 
 def run_hf(
@@ -303,6 +332,12 @@ def main() -> None:
         help="a variant: these engine flags added to the others (repeatable; --ablate=FLAGS)",
     )
     ap.add_argument("--plot", default=None, metavar="PNG", help="output tok/s per variant, bars")
+    ap.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE",
+        help="constrain every request by the JSON schema in FILE (structured output)",
+    )
     add_engine_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper())
@@ -340,12 +375,17 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "copy_bandwidth_gb_s": copy_bandwidth(device) / 1e9,
         "weight_gb": llm.runner.weight_bytes() / 1e9,
     }
-    result["minisgl"] = run_ours(llm, reqs, w.temperature)
+    schema = Path(args.json_schema).read_text() if args.json_schema else None
+    result["json_schema"] = args.json_schema
+    result["minisgl"] = run_ours(llm, reqs, w.temperature, schema)
     if w.name == "W4":
         mc = llm.runner.model_config
         avg_ctx = w.input_len[0] + w.output_len[0] / 2
         kv_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2 * avg_ctx
-        step_bytes = llm.runner.weight_bytes() + kv_bytes
+        # Dense: all the weights. MoE: the routed experts' share of the experts' weights.
+        weights_read = decode_weight_bytes(llm.runner.model, mc.num_experts_per_tok)
+        result["decode_weight_gb"] = weights_read / 1e9
+        step_bytes = weights_read + kv_bytes
         roofline = result["copy_bandwidth_gb_s"] * 1e9 / step_bytes
         result["roofline_tok_s"] = roofline
         result["roofline_pct"] = 100 * result["minisgl"]["decode_tok_s_batch1"] / roofline

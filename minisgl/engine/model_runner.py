@@ -4,8 +4,10 @@ decode graphs and the sampler. Runs a step from the scheduler's plain StepPlan."
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from minisgl.attention.base import AttentionBackend
 from minisgl.attention.batch import ForwardBatch
@@ -21,9 +23,10 @@ from minisgl.engine.step import (
     sampling_batch,
     write_page_table,
 )
-from minisgl.kvcache.pool import KVPool
+from minisgl.kvcache.pool import KVPool, kv_storage_dtype
+from minisgl.models.errors import ModelLoadError
 from minisgl.models.loader import build_model, init_dummy_weights, load_weights
-from minisgl.models.source import ModelSource
+from minisgl.models.source import ModelSource, checkpoint_files
 from minisgl.transfer import HostToDevice, to_host
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,42 @@ def resolve_dtype(name: str, config_dtype: str, device: torch.device) -> torch.d
     if device.type == "cpu":
         return torch.float32
     return _DTYPES.get(config_dtype, torch.bfloat16)
+
+
+# A layer's FP8 KV-cache scales in a checkpoint, in the names vLLM reads: self_attn.k_scale /
+# v_scale, the same under k_proj / v_proj or attn, or one kv_scale for both.
+_KV_SCALE = re.compile(
+    r"model\.layers\.(\d+)\.self_attn\.(?:k_proj\.|v_proj\.|attn\.)?(k_scale|v_scale|kv_scale)$"
+)
+
+
+def checkpoint_kv_scales(
+    source: ModelSource, num_layers: int
+) -> tuple[list[float], list[float]] | None:
+    """Per-layer (k_scales, v_scales) from a safetensors checkpoint's scale tensors, or None
+    when it has none (dummy weights and GGUF files have none). A layer the checkpoint gives no
+    scale keeps 1.0; a tensor of several scales (per head) gives its largest."""
+    if source.weights_dir is None or source.gguf_file is not None:
+        return None
+    scales: dict[str, list[float]] = {"k_scale": [1.0] * num_layers, "v_scale": [1.0] * num_layers}
+    found = 0
+    for path in checkpoint_files(source.weights_dir):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    m = _KV_SCALE.match(name)
+                    if m is None or int(m.group(1)) >= num_layers:
+                        continue
+                    value = float(f.get_tensor(name).float().max())
+                    if not 0.0 < value < float("inf"):
+                        raise ModelLoadError(f"{path.name}: {name} must be finite and > 0")
+                    layer, kind = int(m.group(1)), m.group(2)
+                    for key in ("k_scale", "v_scale") if kind == "kv_scale" else (kind,):
+                        scales[key][layer] = value
+                    found += 1
+        except SafetensorError as e:
+            raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
+    return (scales["k_scale"], scales["v_scale"]) if found else None
 
 
 def use_overlap(setting: str, device: torch.device) -> bool:
@@ -77,30 +116,60 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         mc = source.config
         self.num_kv_heads = self.tp.shard(mc.num_kv_heads, "key/value heads")
+        backend = resolve_backend(cfg.attention_backend, self.device.type)
+        self.attn: AttentionBackend = create_backend(backend, mc.head_dim**-0.5)
+        #: The pool's storage dtype, and its FP8 scales when the checkpoint has some.
+        self.kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, self.dtype)
+        self.kv_scales: tuple[list[float], list[float]] | None = None
+        kv_desc = str(self.dtype).removeprefix("torch.")
+        if cfg.kv_cache_dtype != "auto":
+            if not self.attn.supports_fp8_kv:
+                raise ValueError(
+                    f"--kv-cache-dtype {cfg.kv_cache_dtype} is not supported by the "
+                    f"{self.attn.name} attention backend; use --attention-backend triton or "
+                    "torch, or --kv-cache-dtype auto"
+                )
+            if self.attn.name == "triton" and self.device.type == "cuda":
+                cc = torch.cuda.get_device_capability(self.device)
+                if cc < (8, 9):
+                    raise ValueError(
+                        f"--kv-cache-dtype {cfg.kv_cache_dtype} with triton attention needs a "
+                        f"GPU of compute capability 8.9 or newer (Ada, Hopper); this one is "
+                        f"{cc[0]}.{cc[1]}: use --kv-cache-dtype auto"
+                    )
+            self.kv_scales = checkpoint_kv_scales(source, mc.num_layers)
+            origin = "from the checkpoint" if self.kv_scales else "1.0"
+            kv_desc = f"{cfg.kv_cache_dtype} (scales {origin})"
+        # What other processes (and this one's CUDA context) hold before the weights load:
+        # --mem-fraction bounds this process's own share, so servers can share a GPU.
+        self._used_before = 0
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._used_before = total - free
+        # After the checks above, so that a refused flag costs no weight loading.
         self.model = build_model(mc, self.dtype, self.device, max_model_len, self.tp)
         if source.weights_dir is None:
             init_dummy_weights(self.model, cfg.seed)
         else:
             load_weights(self.model, source, progress=self.progress)
-        backend = resolve_backend(cfg.attention_backend, self.device.type)
-        self.attn: AttentionBackend = create_backend(backend, mc.head_dim**-0.5)
         log.info(
-            "model %s (%s) on %s in %s, attention backend %s%s",
+            "model %s (%s) on %s in %s, attention backend %s, KV cache %s%s",
             source.name,
             mc.architecture,
             self.device,
             str(self.dtype).removeprefix("torch."),
             self.attn.name,
+            kv_desc,
             f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "",
         )
 
     # ----- KV pool and page table -----------------------------------------------------------
 
     def page_bytes(self) -> int:
-        """Memory one KV page takes across all layers, K and V."""
+        """Memory one KV page takes across all layers, K and V, in the cache's dtype."""
         mc = self.model_config
         return KVPool.bytes_per_page(
-            mc.num_layers, self.cfg.page_size, self.num_kv_heads, mc.head_dim, self.dtype
+            mc.num_layers, self.cfg.page_size, self.num_kv_heads, mc.head_dim, self.kv_dtype
         )
 
     def _auto_num_pages(self) -> int:
@@ -109,12 +178,13 @@ class ModelRunner:
             # The driver counts memory the caching allocator holds but no tensor uses as used.
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * cfg.mem_fraction) - used
+            ours = total - free - self._used_before  # weights and buffers of this process
+            budget = min(int(total * cfg.mem_fraction) - ours, free)
             if budget <= 0:
                 raise MemoryError(
-                    f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB of "
-                    f"{total / 2**30:.1f} in use, mem_fraction {cfg.mem_fraction}"
+                    f"no GPU memory left for the KV cache: this process holds "
+                    f"{ours / 2**30:.1f} GiB, others {self._used_before / 2**30:.1f} GiB, of "
+                    f"{total / 2**30:.1f}; mem_fraction {cfg.mem_fraction}"
                 )
         else:
             budget = int(cfg.cpu_kv_gib * 2**30)
@@ -137,7 +207,11 @@ class ModelRunner:
             mc.head_dim,
             self.dtype,
             device,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+            k_scales=None if self.kv_scales is None else self.kv_scales[0],
+            v_scales=None if self.kv_scales is None else self.kv_scales[1],
         )
+        self.attn.use_kv_quant(self.pool.quant)
         # One row per running request, plus a last row that points at the scratch page.
         self.page_table = torch.full(
             (cfg.max_running_requests + 1, -(-self.max_model_len // cfg.page_size)),

@@ -24,8 +24,8 @@ _BACKEND_MODULES = {
 def check_device_and_backend(cfg: EngineConfig) -> None:
     """Raise ValueError, naming the flag, when cfg's device or attention backend cannot run
     here: a device other than cpu / cuda[:N], CUDA asked for without CUDA (or with fewer GPUs
-    than the device index or --tp-size needs), a backend whose library does not import, or a
-    GPU-only backend on a CPU."""
+    than the device index or --tp-size needs), a backend whose library does not import, a
+    GPU-only backend on a CPU, or an FP8 KV cache with a backend that cannot read one."""
     device = _check_device(cfg)
     backend = resolve_backend(cfg.attention_backend, device.type)
     flag = f"--attention-backend {backend}"
@@ -38,7 +38,12 @@ def check_device_and_backend(cfg: EngineConfig) -> None:
                 "install it or use --attention-backend torch"
             ) from None
     else:
-        create_backend(backend, 1.0)  # flashinfer / fa3: a clear ValueError when missing
+        if cfg.kv_cache_dtype != "auto":  # flashinfer / fa3 read only a cache of q's dtype
+            raise ValueError(
+                f"--kv-cache-dtype {cfg.kv_cache_dtype} is not supported by {flag}; "
+                "use --attention-backend triton or torch"
+            )
+        create_backend(backend, 1.0)  # a clear ValueError when the library is missing
     if backend != "torch" and device.type != "cuda":
         if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return  # the Triton interpreter runs the kernels on the CPU (tests)

@@ -3,6 +3,11 @@
 Everything is vectorised over the batch. Randomness comes from a counter-based hash of
 (request seed, output step, token id), so a seeded request samples the same tokens whatever
 else shares its batch, on any device, without a torch.Generator per request.
+
+On CUDA the fused kernels (minisgl.kernels.fused_sample) sample every row split over the
+vocabulary with the same noise and the same kept set as the torch path below, without a
+host sync; `SamplingBatch.max_top_k`, when the builder knows it, lets them take fewer
+top-k / top-p candidates per row.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl.kernels import fused_sample_rows
+from minisgl.kernels import fused_sample
 from minisgl.sampling_params import GREEDY_TEMPERATURE
 
 _MASK32 = 0xFFFFFFFF
@@ -46,6 +51,11 @@ class SamplingBatch:
     banned_ids: torch.Tensor | None  # [B, K] ids that may not be sampled yet (padded with vocab)
     want_logprobs: bool
     top_logprobs: int  # the largest top-N asked for in the batch
+    # The largest top_k among the sampled rows with top-k or top-p on (vocab for a top-p row
+    # without top-k); None when the builder does not know it.
+    max_top_k: int | None = None
+    # [B, ceil(vocab / 32)] int32: bit i of word j allows token 32 * j + i (structured output)
+    grammar_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,22 +76,45 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         if sb.top_logprobs:
             top_lps, top_ids = raw.topk(sb.top_logprobs, dim=-1)
     logits = _apply_constraints(logits, sb)
-    ids: torch.Tensor | None = None
-    if logits.is_cuda and not (sb.use_top_k or sb.use_top_p or sb.use_min_p):
-        ids = fused_sample_rows(logits, sb.temperature, row_hash(sb.seeds, sb.steps))
-    if ids is None and sb.all_greedy:
-        ids = logits.argmax(dim=-1)
-    elif ids is None:
-        greedy_ids = logits.argmax(dim=-1)
-        greedy = sb.temperature < GREEDY_TEMPERATURE
-        ids = torch.where(greedy, greedy_ids, _sample_random(logits, sb))
+    ids = _sample_fused(logits, sb) if logits.is_cuda else None
+    if ids is None:
+        ids = sample_torch(logits, sb)
     if sb.want_logprobs or sb.top_logprobs:
         logprobs = raw.gather(1, ids[:, None]).squeeze(1)
     return SampleOutput(ids, logprobs, top_ids, top_lps)
 
 
+def sample_torch(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """Tokens of constrained logits by the torch path (any device): argmax for greedy rows,
+    the exponential race over filtered_probs for the others."""
+    if sb.all_greedy:
+        return logits.argmax(dim=-1)
+    greedy_ids = logits.argmax(dim=-1)
+    greedy = sb.temperature < GREEDY_TEMPERATURE
+    return torch.where(greedy, greedy_ids, _sample_random(logits, sb))
+
+
+def _sample_fused(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor | None:
+    """The fused kernels' tokens, or None off the GPU path."""
+    cut = sb.use_top_k or sb.use_top_p
+    return fused_sample(
+        logits,
+        sb.temperature,
+        sb.seeds,
+        sb.steps,
+        min_p=sb.min_p if sb.use_min_p else None,
+        top_k=sb.top_k if cut else None,
+        top_p=sb.top_p if sb.use_top_p else None,
+        max_top_k=sb.max_top_k if cut else None,
+    )
+
+
 def _apply_constraints(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     vocab = logits.shape[1]
+    if sb.grammar_bitmask is not None:
+        bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((sb.grammar_bitmask[:, :, None] >> bits) & 1).flatten(1)[:, :vocab]
+        logits = logits.masked_fill(allowed == 0, float("-inf"))
     if sb.penalties is not None:
         logits = apply_penalties(logits, sb.penalties)
     if sb.banned_ids is not None:
@@ -123,7 +156,8 @@ def filtered_probs(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
         threshold = sb.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
     if sb.use_top_k or sb.use_top_p:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Stable: among equal probabilities the lower token id ranks first.
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
         rank = torch.arange(probs.shape[1], device=probs.device)[None, :]
         drop = rank >= sb.top_k[:, None]
         if sb.use_top_p:

@@ -2,7 +2,8 @@
 it into device tensors.
 
 The scheduler never touches a device tensor: it sends a `StepPlan` and gets a `LaunchedStep`
-back, whose `read` waits for the sampled tokens and returns them as host lists.
+back, whose `read` waits for the sampled tokens and returns them as host lists. (The one host
+tensor in a plan is the structured-output bitmask, which xgrammar's matchers fill in place.)
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class SamplingPlan:
     banned_ids: list[list[int]] | None
     want_logprobs: bool
     top_logprobs: int
+    # The largest top_k among sampled rows with top-k or top-p on (vocab for top-p alone); 0
+    # when no row cuts. The GPU sampler takes that many candidates per row.
+    max_top_k: int = 0
+    # Structured output: [B, ceil(vocab / 32)] int32 host tensor of the tokens each row may
+    # take (all bits set in unconstrained rows), filled by the rows' grammar matchers; None
+    # when no row has a constraint.
+    grammar_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -172,6 +180,15 @@ def forward_batch(
     )
 
 
+def _bitmask_to(bitmask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The bitmask on the device without waiting for it: a copy from pageable memory would
+    wait for the GPU's queued work, so it goes through pinned memory (torch's pinned blocks
+    are reused only once the copy out of them is done)."""
+    if bitmask is None or device.type == "cpu":
+        return bitmask
+    return bitmask.pin_memory().to(device, non_blocking=True)
+
+
 def sampling_batch(
     sp: SamplingPlan,
     vocab: int,
@@ -220,4 +237,6 @@ def sampling_batch(
         banned_ids=banned,
         want_logprobs=sp.want_logprobs,
         top_logprobs=sp.top_logprobs,
+        max_top_k=sp.max_top_k or None,
+        grammar_bitmask=_bitmask_to(sp.grammar_bitmask, device),
     )

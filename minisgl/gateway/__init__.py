@@ -38,14 +38,17 @@ Supported request fields (any other field is a 400 naming it; a field of the wro
   stop_token_ids, skip_special_tokens, include_stop_str_in_output;
 - completions: prompt (one string, or one list of token ids); `logprobs` = N alternatives;
 - chat: messages (role and content: a string, null, or a list of text parts), top_logprobs
-  (with `logprobs: true`); each token's text is as decoded on its own.
+  (with `logprobs: true`); each token's text is as decoded on its own;
+- structured output: response_format {"type": "json_object"} and {"type": "json_schema",
+  "json_schema": {...}}; on chat, tools with tool_choice "required" or a named function (the
+  call's arguments constrained to its parameter schema, returned as tool_calls).
 
 Accepted and ignored because they do not change the output (`requests._IGNORED`): user,
 metadata, store, prompt_cache_key, safety_identifier, service_tier "auto" / "default".
 
 Not supported, a 400 "not supported" naming the field unless it has the value that asks for
-nothing (`requests._NOT_SUPPORTED`): logit_bias (but {}), response_format (but {"type":
-"text"}), tools (but []), tool_choice (but "none"), functions (but []), function_call (but
+nothing (`requests._NOT_SUPPORTED`): logit_bias (but {}), tools on completions (but []),
+tool_choice other than the above (but "none"), functions (but []), function_call (but
 "none"), parallel_tool_calls, audio, modalities (but ["text"]), prediction, reasoning_effort,
 verbosity, web_search_options, service_tier other than "auto" / "default", echo (but false),
 suffix (but ""), best_of other than n, stream_options.continuous_usage_stats; in chat

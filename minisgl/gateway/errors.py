@@ -110,6 +110,11 @@ def _openai_field(path: str, body: dict[str, Any], chat: bool) -> tuple[str, str
         return name, name
     if path == "request_id":
         return "x-request-id", None
+    if path.startswith("constraint."):  # from response_format, or from a forced tool's schema
+        name = (
+            "tools" if body.get("tools") and not body.get("response_format") else "response_format"
+        )
+        return name, name
     if chat and path.startswith("prompt.chat.messages"):
         return "messages" + path.removeprefix("prompt.chat.messages"), "messages"
     if path == "prompt" or path.startswith("prompt."):

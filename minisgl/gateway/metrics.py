@@ -1,8 +1,10 @@
 """The gateway's Prometheus metrics (`minisgl gateway --metrics-port`): HTTP requests by
-route, method and status, and their latency (to the last byte: a stream's whole length)."""
+route, method and status (499: the client hung up first), and their latency (to the last
+byte: a stream's whole length)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from minisgl.metrics import TIME_BUCKETS
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT_CLOSED = 499
+"""The status counted for a request whose client disconnected before its response ended
+(nginx's "client closed request"); a 500 is left to the gateway's own failures."""
 
 
 class GatewayMetrics:
@@ -47,6 +52,9 @@ class GatewayMetrics:
                 return response
             except web.HTTPException as e:
                 status = e.status
+                raise
+            except (asyncio.CancelledError, ConnectionError):
+                status = CLIENT_CLOSED  # the client hung up: not an error of the gateway's
                 raise
             finally:
                 info = request.match_info.route.resource

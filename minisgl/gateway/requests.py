@@ -35,9 +35,11 @@ _COMMON = frozenset(
         "stop_token_ids",
         "skip_special_tokens",
         "include_stop_str_in_output",
+        "response_format",
     }
 )
-_SUPPORTED = {False: _COMMON | {"prompt"}, True: _COMMON | {"messages", "top_logprobs"}}
+_CHAT_ONLY = frozenset({"messages", "top_logprobs", "tools", "tool_choice"})
+_SUPPORTED = {False: _COMMON | {"prompt"}, True: _COMMON | _CHAT_ONLY}
 #: Fields accepted and ignored (they do not change the output), with the type they must have.
 _IGNORED: dict[str, type] = {
     "user": str,
@@ -55,8 +57,7 @@ def _never(value: Any) -> bool:
 #: OpenAI fields that are not implemented -> which values ask for nothing (and are accepted).
 _NOT_SUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logit_bias": lambda v: v == {},
-    "response_format": lambda v: v == {"type": "text"},
-    "tools": lambda v: v == [],
+    "tools": lambda v: v == [],  # (completions; chat supports tools)
     "tool_choice": lambda v: v == "none",
     "functions": lambda v: v == [],
     "function_call": lambda v: v == "none",
@@ -88,6 +89,9 @@ class Completion:
     include_usage: bool  # stream_options.include_usage
     logprobs: bool
     choices: list[dict[str, Any]]  # the GenerateRequest fields of each choice
+    # Chat with tool_choice "required" or a named function: the output is one tool call,
+    # {"name": ..., "arguments": {...}}, returned as the message's tool_calls.
+    tool_call: bool = False
 
 
 def parse_completion(body: dict[str, Any], chat: bool, request_id: str | None) -> Completion:
@@ -110,8 +114,23 @@ def parse_completion(body: dict[str, Any], chat: bool, request_id: str | None) -
         "output": output,
         "request_id": rid,
     }
+    constraint = response_format(body.get("response_format"))
+    tools = tool_call_schema(body) if chat else None
+    if tools is not None:
+        if constraint is not None:
+            raise BadRequest("response_format: not with a required tool call", "response_format")
+        constraint = common_pb2.Constraint(json_schema=json.dumps(tools))
+    if constraint is not None:
+        fields["constraint"] = constraint
     return Completion(
-        body, chat, rid, stream, include_usage, bool(output.logprobs), _choice_fields(fields, n)
+        body,
+        chat,
+        rid,
+        stream,
+        include_usage,
+        bool(output.logprobs),
+        _choice_fields(fields, n),
+        tools is not None,
     )
 
 
@@ -297,6 +316,111 @@ def _options(
     sampling = _sampling_options(body)
     stopping = _stopping_options(body, default_max_tokens)
     return sampling, stopping, _output_options(body, chat)
+
+
+def response_format(value: Any) -> common_pb2.Constraint | None:
+    """The Constraint of OpenAI's response_format: {"type": "text"} (none), {"type":
+    "json_object"} (any JSON object) or {"type": "json_schema", "json_schema": {"name": ...,
+    "schema": {...}}} (the schema; without one, any JSON object). Whether the schema compiles
+    is the server's to say."""
+    key = "response_format"
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise BadRequest(f"{key}: must be an object with a type", key)
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return common_pb2.Constraint(json_object=True)
+    if kind != "json_schema":
+        raise BadRequest(
+            f"{key}.type: must be 'text', 'json_object' or 'json_schema' (got {_short(kind)})", key
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise BadRequest(f"{key}.json_schema: must be an object", key)
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise BadRequest(f"{key}.json_schema.name: a non-empty string is required", key)
+    schema = spec.get("schema")
+    if schema is None:
+        return common_pb2.Constraint(json_object=True)
+    if not isinstance(schema, dict):
+        raise BadRequest(f"{key}.json_schema.schema: must be an object", key)
+    return common_pb2.Constraint(json_schema=json.dumps(schema))
+
+
+def _tool_functions(body: dict[str, Any]) -> dict[str, Any]:
+    """name -> parameters schema of each function in `tools`."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        raise BadRequest("tools: must be a list of tools", "tools")
+    functions: dict[str, Any] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise BadRequest(
+                f"tools[{i}]: must be {{'type': 'function', 'function': ...}}", "tools"
+            )
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"tools[{i}].function.name: a non-empty string is required", "tools")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise BadRequest(f"tools[{i}].function.parameters: must be an object", "tools")
+        functions[name] = params
+    return functions
+
+
+def tool_call_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema of the one tool call that `tool_choice` asks for ("required": any of
+    `tools`; {"type": "function", "function": {"name": ...}}: that one), or None when no call
+    is required ("none", or no tools). "auto" is refused: it needs the model's own tool-call
+    format, which this gateway does not parse."""
+    choice = body.get("tool_choice")
+    if choice == "auto":
+        raise BadRequest(
+            "tool_choice: 'auto' is not supported by this gateway (use 'required' or a named "
+            "function)",
+            "tool_choice",
+        )
+    if body.get("tools") and choice is None:  # OpenAI's default is then "auto"
+        raise BadRequest(
+            "tools: not supported with tool_choice 'auto' (the default); set tool_choice to "
+            "'required' or a named function",
+            "tools",
+        )
+    if not body.get("tools"):
+        if choice not in (None, "none"):
+            raise BadRequest("tool_choice: needs tools", "tool_choice")
+        return None
+    functions = _tool_functions(body)
+    if choice == "none":
+        return None
+    if choice == "required":
+        names = list(functions)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise BadRequest(
+                f"tool_choice: no function named {_short(name)} in tools", "tool_choice"
+            )
+        names = [name]
+    else:
+        raise BadRequest(
+            "tool_choice: must be 'none', 'required' or {'type': 'function', 'function': "
+            "{'name': ...}}",
+            "tool_choice",
+        )
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": n}, "arguments": functions[n]},
+            "required": ["name", "arguments"],
+        }
+        for n in names
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
 def _stream_options(body: dict[str, Any], stream: bool) -> bool:

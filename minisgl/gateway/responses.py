@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from minisgl.gateway.requests import Completion
@@ -51,6 +52,21 @@ def usage_body(usages: list[common_pb2.Usage]) -> dict[str, Any]:
     }
 
 
+def tool_call_message(text: str, rid: str) -> tuple[dict[str, Any], str] | None:
+    """The assistant message with the tool call that a required tool call's output (JSON
+    {"name": ..., "arguments": {...}}) describes, and finish reason "tool_calls"; None when
+    the output is not such a call (it ended at max_tokens, incomplete)."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    function = {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}
+    tool_call = {"id": f"call_{rid}", "type": "function", "function": function}
+    return {"role": "assistant", "content": None, "tool_calls": [tool_call]}, "tool_calls"
+
+
 def completion_response(
     c: Completion, outs: list[generation_pb2.GenerateResponse], model: str, created: int
 ) -> dict[str, Any]:
@@ -60,6 +76,9 @@ def completion_response(
         choice: dict[str, Any] = {"index": i, "finish_reason": _FINISH.get(out.finish.reason)}
         if c.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
+            called = tool_call_message(out.text, out.request_id) if c.tool_call else None
+            if called is not None:
+                choice["message"], choice["finish_reason"] = called
             choice["logprobs"] = _chat_logprobs(out.logprobs) if c.logprobs else None
         else:
             lp = _completion_logprobs(out.logprobs, 0) if c.logprobs else None
@@ -95,3 +114,26 @@ def stream_choice(
         piece = {"text": msg.text}
     piece["logprobs"] = lp
     return {"index": i, **piece, "finish_reason": finish}, offset
+
+
+class ToolCallStream:
+    """A required tool call's stream: the text is held back, and the last message of each
+    choice becomes one delta with the whole tool call (finish reason "tool_calls"), or the
+    text itself when it is not a complete call."""
+
+    def __init__(self) -> None:
+        self.texts: dict[int, list[str]] = {}
+
+    def choice(self, i: int, msg: generation_pb2.StreamGenerateResponse) -> dict[str, Any] | None:
+        self.texts.setdefault(i, []).append(msg.text)
+        if not msg.HasField("finish"):
+            return None
+        text = "".join(self.texts.pop(i))
+        called = tool_call_message(text, msg.request_id)
+        if called is None:
+            delta: dict[str, Any] = {"content": text}
+            finish = _FINISH.get(msg.finish.reason)
+        else:
+            (tc,) = called[0]["tool_calls"]
+            delta, finish = {"tool_calls": [{"index": 0, **tc}]}, called[1]
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}

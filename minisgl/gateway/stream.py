@@ -13,7 +13,7 @@ from aiohttp import web
 
 from minisgl.gateway.errors import internal_error, rpc_error
 from minisgl.gateway.requests import Completion
-from minisgl.gateway.responses import stream_choice, usage_body
+from minisgl.gateway.responses import ToolCallStream, stream_choice, usage_body
 from minisgl.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ async def _relay(queue: _Queue, chunks: _Chunks, c: Completion, n: int) -> None:
     """Send each message of the n calls as it comes; the usage chunk once all have ended."""
     usages: list[common_pb2.Usage] = []
     offsets = [0] * n  # completions' text_offset, per choice
+    tools = ToolCallStream() if c.tool_call else None
     open_calls = n
     while open_calls:
         i, msg = await queue.get()
@@ -71,7 +72,10 @@ async def _relay(queue: _Queue, chunks: _Chunks, c: Completion, n: int) -> None:
         if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
             open_calls -= 1
             continue
-        choice, offsets[i] = stream_choice(c, i, msg, offsets[i])
+        if tools is not None:
+            choice = tools.choice(i, msg)
+        else:
+            choice, offsets[i] = stream_choice(c, i, msg, offsets[i])
         if choice is not None:
             await chunks.send([choice])
         if msg.HasField("usage"):

@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from minisgl.kvcache.radix import CacheEvent
 from minisgl.sampling_params import FinishReason, SamplingParams
 
 ChatMessage = dict[str, str]
@@ -133,6 +134,10 @@ class Load(msgspec.Struct, tag=True):
     kv_busy: float
     cache_hit_rate: float
     retractions: int
+    prompt_tokens: int = 0
+    """Prompt tokens of every request admitted since start."""
+    cached_tokens: int = 0
+    """Of those, tokens served from the prefix cache."""
 
 
 class TokenizeCall(msgspec.Struct, tag=True):
@@ -163,6 +168,29 @@ class WorkerReady(msgspec.Struct, tag=True):
     name: str
 
 
+class ReleaseCache(msgspec.Struct, tag=True):
+    """frontend -> scheduler: drop every unlocked prefix-cache entry (sglang's FlushCache)."""
+
+    call_id: int
+
+
+class CacheReleased(msgspec.Struct, tag=True):
+    """scheduler -> frontend: the answer to ReleaseCache; the pages the cache still holds
+    (those of running requests) and how many it gave back."""
+
+    call_id: int
+    freed_pages: int
+    cached_pages: int
+
+
+class KvEvents(msgspec.Struct, tag=True):
+    """scheduler -> frontend: what the radix cache stored and freed since the last KvEvents
+    (kvcache/radix.py), for sglang's SubscribeKvEvents; `block_size` is the page size."""
+
+    block_size: int
+    events: list[CacheEvent]
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """-> any worker: exit now."""
 
@@ -179,5 +207,8 @@ Message = (
     | TokenizeCall
     | TokenizeResult
     | WorkerReady
+    | ReleaseCache
+    | CacheReleased
+    | KvEvents
     | Shutdown
 )

@@ -69,6 +69,26 @@ def fused_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return fused.silu_and_mul(gate_up)
 
 
+def fused_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> torch.Tensor | None:
+    """Sparse mixture of experts for x [T, H] in Triton (routing, then the gate_up and down
+    GEMMs grouped by expert; see minisgl.kernels.moe): the sum over each token's top-k experts
+    (softmax of router_logits [T, E], renormalised if asked) of weight * down(silu(gate) * up),
+    with gate_up [E, 2I, H] and down [E, H, I]. [T, H] in x's dtype; None off the GPU path or
+    for a 3-D input."""
+    if not _on_gpu(x) or x.dim() != 2:
+        return None
+    from minisgl.kernels import moe
+
+    return moe.fused_moe(x, router_logits, gate_up, down, top_k, renormalize)
+
+
 def fused_sample_rows(
     logits: torch.Tensor, temperature: torch.Tensor, row_hash: torch.Tensor
 ) -> torch.Tensor | None:
@@ -79,3 +99,34 @@ def fused_sample_rows(
     from minisgl.kernels import sampling
 
     return sampling.sample_rows(logits, temperature, row_hash)
+
+
+def fused_sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    min_p: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    max_top_k: int | None = None,
+) -> torch.Tensor | None:
+    """One token per row of logits [B, V], split over the vocabulary: greedy rows take the
+    argmax, others race with the sampler's noise of (seeds, steps) over the tokens min-p
+    (min_p given), top-k and top-p (top_k / top_p given) keep; max_top_k, when known, bounds
+    top_k of the rows with top-k or top-p on (vocab for top-p alone). None off the GPU path."""
+    if not _on_gpu(logits):
+        return None
+    from minisgl.kernels import sampling
+
+    return sampling.sample(
+        logits,
+        temperature,
+        seeds,
+        steps,
+        min_p=min_p,
+        top_k=top_k,
+        top_p=top_p,
+        max_top_k=max_top_k,
+    )

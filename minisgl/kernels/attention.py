@@ -4,6 +4,14 @@ Both kernels read K/V through the page table: key position t of a request lives 
 `page_table[row, t // PAGE_SIZE] * PAGE_SIZE + t % PAGE_SIZE` of the [num_slots, Hkv, D] caches.
 Softmax runs in base 2 (the scale is pre-multiplied by log2(e)) and accumulates in float32.
 
+FP8 caches (float8_e4m3fn, `--kv-cache-dtype fp8_e4m3`): each K/V tile is converted to the
+query's dtype right after its load, so the dots run as for a 16-bit cache. The per-layer
+scales never touch a tile: k_scale is folded into the softmax scale on the host (q . (k_scale
+k) = k_scale (q . k)) and v_scale multiplies the output once (sum p (v_scale v) = v_scale sum
+p v), also each split's partial output, which the merge combines linearly. A cache in the
+query's dtype runs the same code with both scales 1.0. Triton converts float8_e4m3fn on
+sm_89 and newer (Ada, Hopper) only.
+
 Decode: grid (batch, kv_head, num_splits). One program takes all G = Hq // Hkv query heads of
 its kv head as the M side of a tensor-core dot (padded to BLOCK_H >= 16 rows), walks its slice of
 the request's keys in BLOCK_N tiles and writes a partial output and log-sum-exp; a small merge
@@ -20,6 +28,12 @@ over the paged keys. GQA: each program is one query head and reads kv head h // 
 Split choice (choose_num_splits, called from the backend's prepare): none while
 batch x kv_heads already covers two waves of SMs; otherwise enough splits for two waves, at most
 64, and at least 128 keys per split.
+
+Store (store_kv_fp8, CUDA only): new K and V rows into an FP8 cache in one launch, grid
+(token,): divide by the layer's scale (IEEE division, as torch does), saturate to +-448, round
+to nearest even. The interpreter's float-to-FP8 conversion rounds values just below a power of
+two down a binade, so on CPU the torch path stores instead (tests/gpu/test_fp8_kv_gpu.py
+checks this kernel's bytes against torch's on the GPU).
 
 Importing this module imports triton; the torch backend never imports it.
 """
@@ -86,6 +100,9 @@ def _attend_tile(  # type: ignore[no-untyped-def]
         else:
             k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    # An FP8 cache's values become the query's dtype (a no-op for a cache in that dtype).
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     # float32 inputs get exact products rather than TF32; 16-bit inputs ignore the flag.
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") if IEEE else tl.dot(q, tl.trans(k))
     qk = qk * qk_scale
@@ -115,6 +132,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     PageTable,
     SeqLens,
     qk_scale,
+    v_scale,
     num_splits,
     stride_qt,
     stride_qh,
@@ -180,7 +198,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
         )  # fmt: skip
 
     nonempty = l_i > 0.0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(nonempty, l_i, 1.0))[:, None]
     if SINGLE:
         o_ptrs = Out + b * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
@@ -243,6 +261,7 @@ def _extend_kernel(  # type: ignore[no-untyped-def]
     SeqLens,
     ExtendLens,
     qk_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ks,
@@ -304,9 +323,77 @@ def _extend_kernel(  # type: ignore[no-untyped-def]
             PAGE_SIZE, BLOCK_N, True, True, HEAD_DIM == BLOCK_D, IEEE,
         )  # fmt: skip
 
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
     o_ptrs = Out + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+
+
+@jit
+def _store_fp8_kernel(  # type: ignore[no-untyped-def]
+    K,
+    V,
+    KCache,
+    VCache,
+    Slots,
+    k_scale,
+    v_scale,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ks,
+    stride_kch,
+    stride_vs,
+    stride_vch,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(Slots + t).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < HEADS) & (offs_d[None, :] < HEAD_DIM)
+    src = offs_h[:, None] * stride_kh + offs_d[None, :]
+    k = tl.load(K + t * stride_kt + src, mask=mask, other=0.0).to(tl.float32)
+    k = tl.math.div_rn(k, k_scale)
+    k = tl.clamp(k, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    dst = KCache + slot * stride_ks + offs_h[:, None] * stride_kch + offs_d[None, :]
+    tl.store(dst, k.to(KCache.dtype.element_ty), mask=mask)
+    src = offs_h[:, None] * stride_vh + offs_d[None, :]
+    v = tl.load(V + t * stride_vt + src, mask=mask, other=0.0).to(tl.float32)
+    v = tl.math.div_rn(v, v_scale)
+    v = tl.clamp(v, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    dst = VCache + slot * stride_vs + offs_h[:, None] * stride_vch + offs_d[None, :]
+    tl.store(dst, v.to(VCache.dtype.element_ty), mask=mask)
+
+
+def store_kv_fp8(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out_slots: torch.Tensor,
+    k_scale: float,
+    v_scale: float,
+) -> None:
+    """k_cache[out_slots] = fp8(k / k_scale), v alike, saturating at +-448; one launch.
+
+    k/v: [T, Hkv, D] (any row and head strides, contiguous last dim); caches float8_e4m3fn."""
+    assert k_cache.dtype == v_cache.dtype == torch.float8_e4m3fn
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k.shape == v.shape and k.shape[1:] == k_cache.shape[1:]
+    tokens, heads, head_dim = k.shape
+    if tokens == 0:
+        return
+    _store_fp8_kernel[(tokens,)](
+        k, v, k_cache, v_cache, out_slots, k_scale, v_scale,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        HEADS=heads, HEAD_DIM=head_dim, BLOCK_H=int(triton.next_power_of_2(heads)),
+        BLOCK_D=int(triton.next_power_of_2(head_dim)), num_warps=4,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -389,10 +476,16 @@ def extend_blocks(
     return [x for _, i, tok, m in tiles for x in (i, tok, m)]
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor) -> None:
+def _check(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor
+) -> None:
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and out.stride(-1) == 1
     assert q.shape[1] % k_cache.shape[1] == 0, "query heads must be a multiple of kv heads"
-    assert q.dtype == k_cache.dtype == out.dtype, "q, the KV cache and out must share a dtype"
+    assert q.dtype == out.dtype, "q and out must share a dtype"
+    assert k_cache.dtype == v_cache.dtype, "the K and V caches must share a dtype"
+    assert k_cache.dtype in (q.dtype, torch.float8_e4m3fn), (
+        f"a KV cache in {k_cache.dtype} for queries in {q.dtype}: use q's dtype or float8_e4m3fn"
+    )
 
 
 def decode_attention(
@@ -408,13 +501,16 @@ def decode_attention(
     num_splits: int,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """One new token per request: out[b] = attention of q[b] over the request's cached keys.
 
     q/out: [B, Hq, D]; with num_splits > 1, mid_o [B, Hq, S, D] and mid_lse [B, Hq, S] float32
-    hold the partial results (allocated here when not given).
+    hold the partial results (allocated here when not given). The caches are in q's dtype or
+    float8_e4m3fn, whose real values are the stored ones times k_scale / v_scale.
     """
-    _check(q, k_cache, out)
+    _check(q, k_cache, v_cache, out)
     bsz, hq, head_dim = q.shape
     hkv = k_cache.shape[1]
     single = num_splits == 1
@@ -430,7 +526,7 @@ def decode_attention(
     block_h = max(16, int(triton.next_power_of_2(g)))
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, out, mo, ml, req_rows, page_table, seq_lens,
-        scale * _LOG2E, num_splits,
+        scale * _LOG2E * k_scale, v_scale, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         mo.stride(0), mo.stride(1), mo.stride(2), ml.stride(0), ml.stride(1),
@@ -459,13 +555,16 @@ def extend_attention(
     extend_lens: torch.Tensor,
     page_size: int,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Ragged new tokens attend to their request's cached prefix and causally to each other.
 
-    q/out: [T, Hq, D]; blocks: int32 from extend_blocks(..., extend_config(...).block_m),
-    already on the device. The new tokens' K/V must already be in the cache.
+    q/out: [T, Hq, D]; blocks: int32 from extend_blocks(..., extend_config(head_dim,
+    q.dtype).block_m), already on the device. The new tokens' K/V must already be in the
+    cache, which is in q's dtype or float8_e4m3fn (real values: stored times k_scale / v_scale).
     """
-    _check(q, k_cache, out)
+    _check(q, k_cache, v_cache, out)
     head_dim = q.shape[2]
     hq, hkv = q.shape[1], k_cache.shape[1]
     cfg = extend_config(head_dim, q.dtype)
@@ -474,7 +573,7 @@ def extend_attention(
         return
     _extend_kernel[(num_blocks, hq)](
         q, k_cache, v_cache, out, blocks, req_rows, page_table, seq_lens, extend_lens,
-        scale * _LOG2E,
+        scale * _LOG2E * k_scale, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         G=hq // hkv, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_M=cfg.block_m,

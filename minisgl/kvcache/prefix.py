@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from minisgl.kvcache.radix import Node
+from minisgl.kvcache.radix import CacheEvent, Node
 
 
 class PrefixCache(Protocol):
@@ -38,6 +38,10 @@ class PrefixCache(Protocol):
     def reset(self) -> None: ...
 
     def check(self) -> None: ...
+
+    def record_events(self) -> None: ...
+
+    def take_events(self) -> list[CacheEvent]: ...
 
 
 class NoPrefixCache:
@@ -70,3 +74,9 @@ class NoPrefixCache:
 
     def check(self) -> None:
         pass
+
+    def record_events(self) -> None:
+        pass
+
+    def take_events(self) -> list[CacheEvent]:
+        return []

@@ -4,15 +4,49 @@ Keys are page-aligned: a node's key holds a whole number of pages of tokens and 
 `pages` list one page id per `page_size` tokens. Children are found by their first page of
 tokens. Running requests lock the path to the node they use, so locked pages are never
 evicted; unlocked leaves are evicted least-recently-used first when the pool runs short.
+
+With events on (`record_events`), every page the tree takes or frees is recorded as a
+BlocksStored / BlocksRemoved event (what smg's KV index reads): a page is a block, named by
+a 64-bit hash of its tokens chained with the hash of the page before it, so the same prefix
+gets the same hashes on every replica and a block's hash says where it sits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
+from array import array
 from dataclasses import dataclass, field
 
+import msgspec
+
 from minisgl.kvcache.allocator import PageAllocator
+
+
+class BlocksStored(msgspec.Struct, tag=True):
+    """Consecutive pages the tree took: (hash, tokens) each; `parent` is the hash of the page
+    before the first (None: they start at the root)."""
+
+    parent: int | None
+    blocks: list[tuple[int, list[int]]]
+
+
+class BlocksRemoved(msgspec.Struct, tag=True):
+    """Pages the tree freed, by hash."""
+
+    hashes: list[int]
+
+
+CacheEvent = BlocksStored | BlocksRemoved
+
+
+def block_hash(parent: int | None, tokens: list[int]) -> int:
+    """A signed 64-bit hash of a page's tokens and the hash of the page before it."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update((parent or 0).to_bytes(8, "little", signed=True))
+    h.update(array("q", tokens).tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 @dataclass(eq=False)
@@ -25,6 +59,8 @@ class Node:
     children: dict[tuple[int, ...], Node] = field(default_factory=dict)
     lock_ref: int = 0
     last_used: int = 0
+    hashes: list[int] = field(default_factory=list)
+    """One block hash per page while events are recorded (else empty)."""
 
 
 class RadixCache:
@@ -39,6 +75,21 @@ class RadixCache:
         self._clock = itertools.count(1)
         self.cached_pages = 0  # pages owned by the tree
         self.locked_pages = 0  # of those, pages on a locked path
+        self._events: list[CacheEvent] | None = None  # None: not recording
+
+    def record_events(self) -> None:
+        """From now on record the pages the tree takes and frees (`take_events`). Call it
+        while the tree is empty: pages cached before have no hashes."""
+        if self.cached_pages:
+            raise AssertionError("record_events on a radix cache that already holds pages")
+        self._events = []
+
+    def take_events(self) -> list[CacheEvent]:
+        """The events recorded since the last call, oldest first."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
 
     @property
     def evictable_pages(self) -> int:
@@ -61,6 +112,7 @@ class RadixCache:
         assert node.parent is not None
         upper = Node(node.key[:cut], node.pages[:num_pages], node.parent, lock_ref=node.lock_ref)
         upper.last_used = node.last_used
+        upper.hashes, node.hashes = node.hashes[:num_pages], node.hashes[num_pages:]
         node.parent.children[self._child_key(node.key, 0)] = upper
         node.key, node.pages, node.parent = node.key[cut:], node.pages[num_pages:], upper
         upper.children[self._child_key(node.key, 0)] = node
@@ -115,6 +167,7 @@ class RadixCache:
                 new = Node(ids[at:], pages[first:], node, last_used=now)
                 node.children[self._child_key(ids, at)] = new
                 self.cached_pages += len(new.pages)
+                self._stored(new)
                 out += new.pages
                 return out, new
             n = self._common_pages(child.key, ids, at)
@@ -128,6 +181,21 @@ class RadixCache:
             at += n * ps
             node = child
         return out, node
+
+    def _stored(self, node: Node) -> None:
+        """Hash a new node's pages and record them, when recording."""
+        if self._events is None:
+            return
+        assert node.parent is not None
+        parent = node.parent.hashes[-1] if node.parent.hashes else None
+        prev, blocks = parent, []
+        ps = self.page_size
+        for i in range(len(node.pages)):
+            tokens = node.key[i * ps : (i + 1) * ps]
+            prev = block_hash(prev, tokens)
+            blocks.append((prev, tokens))
+        node.hashes = [h for h, _ in blocks]
+        self._events.append(BlocksStored(parent, blocks))
 
     def lock(self, node: Node | None) -> None:
         """Protect the path root..node from eviction (None: nothing to protect)."""
@@ -159,6 +227,8 @@ class RadixCache:
             parent = node.parent
             assert parent is not None
             del parent.children[self._child_key(node.key, 0)]
+            if self._events is not None:
+                self._events.append(BlocksRemoved(node.hashes))
             self.allocator.free(node.pages)
             freed += len(node.pages)
             self.cached_pages -= len(node.pages)
@@ -190,6 +260,8 @@ class RadixCache:
         for n in nodes:
             if n.lock_ref < 0 or len(n.key) != len(n.pages) * self.page_size or not n.key:
                 raise AssertionError("radix node malformed")
+            if self._events is not None and len(n.hashes) != len(n.pages):
+                raise AssertionError("radix node without a block hash per page")
             assert n.parent is not None
             if n.lock_ref > n.parent.lock_ref and n.parent is not self.root:
                 raise AssertionError("a locked radix node has a less-locked parent")

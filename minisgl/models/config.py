@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
 )
 
 
@@ -40,6 +42,16 @@ class ModelConfig:
     dtype: str
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # Mixture of experts (Qwen3-MoE, Mixtral); num_experts == 0: every layer is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is router + experts
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer`'s MLP block is a sparse mixture of experts."""
+        return layer in self.moe_layers
 
     def tp_problem(self, tp_size: int) -> str | None:
         """Why this model cannot be split over `tp_size` ranks, or None if it can."""
@@ -47,6 +59,7 @@ class ModelConfig:
             ("attention heads", self.num_heads),
             ("key/value heads", self.num_kv_heads),
             ("intermediate_size", self.intermediate_size),
+            ("moe_intermediate_size", self.moe_intermediate_size),
         ):
             if n % tp_size:
                 return f"{what} ({n}) is not divisible by the tensor-parallel size {tp_size}"
@@ -82,9 +95,10 @@ class ModelConfig:
             raise ModelLoadError(f"{source}: mlp_bias=true is not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise ModelLoadError(f"{source}: hidden_act {raw.get('hidden_act')!r} is not supported")
-        if arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window"):
+        if arch in ("Qwen2ForCausalLM", "Qwen3MoeForCausalLM") and raw.get("use_sliding_window"):
             raise ModelLoadError(f"{source}: sliding-window attention is not supported")
-        if arch == "MistralForCausalLM" and raw.get("sliding_window") is not None:
+        sliding = raw.get("sliding_window")
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM") and sliding is not None:
             window = int(raw["sliding_window"])
             if window < int(raw.get("max_position_embeddings", 0)):
                 raise ModelLoadError(f"{source}: sliding_window={window} is not supported")
@@ -105,11 +119,63 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
+            **_parse_moe(raw, arch, layers, source),
         )
+
+
+def _parse_moe(raw: dict[str, Any], arch: str, num_layers: int, source: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig (none for a dense architecture).
+
+    Mixtral: every layer sparse, `num_local_experts` experts of `intermediate_size`, top-k
+    weights always renormalised. Qwen3-MoE: `num_experts` (transformers >= 5 writes
+    `num_local_experts`) of `moe_intermediate_size`; layer i is sparse when it is not in
+    `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0; `norm_topk_prob` as given.
+    Neither has shared experts.
+    """
+    if arch == "MixtralForCausalLM":
+        experts = raw.get("num_local_experts", 8)
+        inter_field, norm, step = "intermediate_size", True, 1
+        dense_layers: Any = []
+    elif arch == "Qwen3MoeForCausalLM":
+        experts = raw.get("num_experts", raw.get("num_local_experts", 0))
+        inter_field = "moe_intermediate_size"
+        norm = bool(raw.get("norm_topk_prob", False))
+        step = raw.get("decoder_sparse_step", 1)
+        dense_layers = raw.get("mlp_only_layers") or []
+    else:
+        return {}
+    fields = {"num_experts": experts, "decoder_sparse_step": step}
+    if experts:
+        fields |= {
+            "num_experts_per_tok": raw.get("num_experts_per_tok"),
+            inter_field: raw.get(inter_field),
+        }
+    for field, value in fields.items():
+        low = 0 if field == "num_experts" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            kind = "a non-negative" if low == 0 else "a positive"
+            raise ModelLoadError(f"{source}: {field} must be {kind} integer, got {value!r}")
+    if not experts:
+        return {}
+    top_k = raw["num_experts_per_tok"]
+    if top_k > experts:
+        raise ModelLoadError(
+            f"{source}: num_experts_per_tok ({top_k}) is more than the experts ({experts})"
+        )
+    if not isinstance(dense_layers, list) or not all(isinstance(i, int) for i in dense_layers):
+        raise ModelLoadError(f"{source}: mlp_only_layers must be a list of layer indices")
+    layers = tuple(i for i in range(num_layers) if i not in dense_layers and (i + 1) % step == 0)
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": raw[inter_field],
+        "norm_topk_prob": norm,
+        "moe_layers": layers,
+    }
 
 
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:

@@ -1,4 +1,5 @@
-"""The one decoder that serves Llama, Mistral, Qwen2 and Qwen3; ModelConfig says what differs."""
+"""The one decoder that serves Llama, Mistral, Qwen2, Qwen3 and the mixture-of-experts models
+Qwen3-MoE and Mixtral; ModelConfig says what differs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from minisgl.distributed.group import TPGroup
 from minisgl.layers.activation import silu_and_mul
 from minisgl.layers.embedding import Embedding, LMHead
 from minisgl.layers.linear import MergedLinear
+from minisgl.layers.moe import SparseMoE
 from minisgl.layers.norm import RMSNorm
 from minisgl.layers.rotary import RotaryEmbedding
 from minisgl.models.config import ModelConfig
@@ -75,12 +77,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP blocks; the residual add is fused into the next norm."""
+    """Pre-norm attention and MLP blocks; the residual add is fused into the next norm. The MLP
+    block is a router + experts (SparseMoE) in the layers the config makes sparse."""
 
     def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer, rotary, tp)
-        self.mlp = MLP(cfg, tp)
+        self.mlp: MLP | SparseMoE
+        if cfg.is_moe_layer(layer):
+            self.mlp = SparseMoE(
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.num_experts,
+                cfg.num_experts_per_tok,
+                cfg.norm_topk_prob,
+                tp,
+            )
+        else:
+            self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from minisgl.distributed.group import TPGroup
 from minisgl.layers.embedding import VocabShard
 from minisgl.layers.linear import MergedLinear
+from minisgl.layers.moe import EXPERT_PROJECTIONS, Experts
 from minisgl.models.config import ModelConfig
 from minisgl.models.decoder import CausalLM
 from minisgl.models.errors import ModelLoadError
@@ -32,7 +34,25 @@ _STACKED = {
     "up_proj": ("gate_up_proj", 1),
 }
 # Tensors some checkpoints carry that the model recomputes.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# KV-cache scales are read by the ModelRunner (`checkpoint_kv_scales`), not loaded here.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "k_scale", "v_scale", "kv_scale")
+# One expert's projection in a checkpoint: `<layer>.mlp.experts.<e>.<gate|up|down>_proj.weight`
+# (Mixtral's names are rewritten to these by _canonical_name first).
+_EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_MIXTRAL_EXPERT = re.compile(r"\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])\.)?")
+_MIXTRAL_PROJECTIONS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def _canonical_name(name: str) -> str:
+    """Mixtral's `block_sparse_moe` (router `gate`, experts' w1/w3/w2 = gate/up/down) under the
+    names Qwen3-MoE uses, `mlp.gate` and `mlp.experts.<e>.<gate|up|down>_proj`."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) is None:
+            return ".mlp."
+        return f".mlp.experts.{m.group(1)}.{_MIXTRAL_PROJECTIONS[m.group(2)]}."
+
+    return _MIXTRAL_EXPERT.sub(sub, name) if ".block_sparse_moe." in name else name
 
 
 def build_model(
@@ -73,6 +93,7 @@ def load_weights(model: CausalLM, source: ModelSource, progress: bool = True) ->
     expected = _expected_tensors(model)
     loaded: set[str] = set()
     for path, name, read in _checkpoint_tensors(source, model.cfg, progress):
+        name = _canonical_name(name)
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name not in expected:
@@ -122,9 +143,17 @@ def _ready(tensor: torch.Tensor) -> TensorReader:
 def _expected_tensors(model: CausalLM) -> dict[str, tuple[str, int | None]]:
     """Checkpoint tensor name -> (our parameter name, part index or None)."""
     out: dict[str, tuple[str, int | None]] = {}
+    modules = dict(model.named_modules())
     for pname, _ in model.named_parameters(remove_duplicate=False):
         module_path, _, leaf = pname.rpartition(".")
         parent, _, last = module_path.rpartition(".")
+        experts = modules.get(module_path)
+        if isinstance(experts, Experts):  # stacked from one tensor per expert and projection
+            for e in range(experts.num_experts):
+                for ck, (ours, part) in EXPERT_PROJECTIONS.items():
+                    if ours == leaf:
+                        out[f"{module_path}.{e}.{ck}.weight"] = (pname, part)
+            continue
         fused = [(ck, part) for ck, (ours, part) in _STACKED.items() if ours == last]
         if fused:
             for ck, part in fused:
@@ -143,7 +172,13 @@ def _copy_tensor(
 ) -> None:
     module_path, _, leaf = name.rpartition(".")
     parent, _, last = module_path.rpartition(".")
-    if last in _STACKED:
+    expert = _EXPERT_TENSOR.fullmatch(name)
+    if expert is not None:
+        module = modules[expert.group(1)]
+        assert isinstance(module, Experts)
+        tensor = module.checkpoint_slice(tensor, expert.group(3))
+        target = module.target(int(expert.group(2)), expert.group(3))
+    elif last in _STACKED:
         ours, part = _STACKED[last]
         module = modules[f"{parent}.{ours}"]
         assert isinstance(module, MergedLinear)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from minisgl.engine.step import LaunchedStep
 from minisgl.ipc.messages import TokenOut
 from minisgl.scheduler.request import Req
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,8 +34,9 @@ class Completed:
 
 def complete(launched: Launched, max_model_len: int) -> Completed:
     """Wait for a launched step's tokens, put them in place of their placeholders and finish
-    the requests that reached a stop token or their length. A request that finished or was
-    aborted while the step was in flight gets nothing (its token is dropped)."""
+    the requests that reached a stop token, the end of their constraint or their length. A
+    request that finished or was aborted while the step was in flight gets nothing (its
+    token is dropped)."""
     ids, lps, top_ids, top_lps = launched.step.read()
     outputs: list[TokenOut] = []
     finished: list[Req] = []
@@ -48,7 +52,9 @@ def complete(launched: Launched, max_model_len: int) -> Completed:
         top = _top(req, i, top_ids, top_lps)
         if top is not None:
             req.top_logprobs.append(top)
-        if token in req.stop_ids and idx + 1 >= req.params.min_new_tokens:
+        if req.matcher is not None and _constraint_ended(req, token):
+            pass  # finish_reason set
+        elif token in req.stop_ids and idx + 1 >= req.params.min_new_tokens:
             req.finish_reason, req.matched_stop = "stop", token
         elif idx + 1 >= req.max_new_tokens or req.resolved_len >= max_model_len:
             req.finish_reason = "length"
@@ -68,6 +74,21 @@ def complete(launched: Launched, max_model_len: int) -> Completed:
         if req.finish_reason is not None:
             finished.append(req)
     return Completed(ids, outputs, finished)
+
+
+def _constraint_ended(req: Req, token: int) -> bool:
+    """Feed `token` to the request's matcher; True when that finished the request: "stop"
+    once the constraint is satisfied and allows no more tokens, "abort" (logged) if the token
+    broke the constraint, which the bitmask rules out."""
+    if not req.matcher.accept_token(token):
+        log.error("request %s: token %d breaks its constraint; aborting it", req.rid, token)
+        req.finish_reason = "abort"
+        return True
+    if req.matcher.is_terminated():
+        req.finish_reason = "stop"
+        req.matched_stop = token if token in req.stop_ids else None
+        return True
+    return False
 
 
 def _top(

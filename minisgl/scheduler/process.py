@@ -19,10 +19,13 @@ import zmq
 from minisgl.config import EngineConfig
 from minisgl.ipc.messages import (
     AbortReq,
+    CacheReleased,
+    KvEvents,
     Load,
     Message,
     ModelInfo,
     NewReq,
+    ReleaseCache,
     ReqError,
     Shutdown,
     StepOut,
@@ -78,6 +81,8 @@ def _load(sched: Scheduler) -> Load:
         kv_busy=(s.total_pages - s.free_pages - sched.cache.evictable_pages) / s.total_pages,
         cache_hit_rate=s.cache_hit_rate,
         retractions=s.retractions,
+        prompt_tokens=s.prompt_tokens,
+        cached_tokens=s.cached_tokens,
     )
 
 
@@ -91,6 +96,14 @@ def add_request(sched: Scheduler, msg: NewReq) -> ReqError | None:
         log.exception("unexpected error adding request %s", msg.rid)
         return ReqError(msg.rid, "internal", f"internal error: {type(e).__name__}: {e}")
     return None
+
+
+def release_cache(sched: Scheduler, msg: ReleaseCache) -> CacheReleased:
+    """Evict every prefix-cache entry no running request holds; say what is left."""
+    before = sched.cache.cached_pages
+    sched.release_all_cache()
+    after = sched.cache.cached_pages
+    return CacheReleased(msg.call_id, before - after, after)
 
 
 def run_scheduler(
@@ -114,6 +127,8 @@ def run_scheduler(
     engine = build_engine(cfg, 0, tp_port)
     sched = engine.scheduler
     warm_up(sched)
+    sched.grammar_source.prepare()  # so a first constrained request does not stall the loop
+    sched.cache.record_events()  # for sglang's SubscribeKvEvents (server/sglang_kv_events.py)
     ctx = zmq.Context()
     inbox = Receiver(ctx, endpoints.scheduler)
     to_detok = Sender(ctx, endpoints.detokenizer)
@@ -150,12 +165,17 @@ def _serve(
                 telemetry.aborted(msg.rid)
                 abort = TokenOut(msg.rid, -1, None, None, "abort", None, 0, 0)
                 to_detok.send(StepOut([abort]))
+            elif isinstance(msg, ReleaseCache):
+                to_frontend.send(release_cache(sched, msg))
         if sched.has_work():
             started = time.monotonic()
             outputs = sched.step()  # each request's first one carries its params
             telemetry.stepped(time.monotonic() - started, outputs)
             if outputs:
                 to_detok.send(StepOut(outputs))
+        events = sched.cache.take_events()
+        if events:
+            to_frontend.send(KvEvents(sched.page_size, events))
         now = time.monotonic()
         if now - last_load_time >= LOAD_INTERVAL_S:
             load = _load(sched)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from minisgl.kvcache.radix import Node
 from minisgl.sampling_params import FinishReason, SamplingParams
@@ -14,6 +15,8 @@ class Req:
 
     `pages[:shared_pages]` belong to the radix cache (locked through `node`); the rest are
     the request's own. Tokens [0, num_computed) have their KV in those pages.
+    `matcher` (an xgrammar GrammarMatcher, for a structured-output constraint) has accepted
+    every output token read back so far.
     """
 
     rid: str
@@ -33,6 +36,13 @@ class Req:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     matched_stop: int | None = None
+    matcher: Any = None
+
+    @property
+    def awaits_token(self) -> bool:
+        """A constrained request whose newest token is still in flight: its next token's mask
+        needs that one first, so it is not planned until the token is read back."""
+        return self.matcher is not None and bool(self.output_ids) and self.output_ids[-1] < 0
 
     @property
     def seq_len(self) -> int:

@@ -1,11 +1,9 @@
 """Continuous batching with a prefix cache, chunked prefill and retraction.
 
 Each step (`step`) is schedule, run, postprocess:
-1. `_schedule` plans one token for every decoding request, retracting the newest requests back
-   to the queue if the pool cannot hold the pages those tokens need; continues prefills in
-   progress; then admits waiting requests (in the AdmissionPolicy's order) while rows, pages
-   and the chunked-prefill token budget allow. An admitted request reuses its longest cached
-   prefix and gets pages for the rest of its prompt at once.
+1. `BatchPlanner.plan` (scheduler/planner.py) picks (request, new tokens) pairs: decodes,
+   prefill chunks, admissions; it owns the waiting queue and the running batch and retracts
+   the newest requests when the pool is short of pages.
 2. `_launch` hands the plan to the ModelRunner, which owns every device tensor, as a plain
    StepPlan; the forward and sampling are queued on the device.
 3. `_complete` (`postprocess.complete`) reads a launched step's tokens back, checks stop
@@ -24,6 +22,13 @@ before planning the next. A request that stops at a token the CPU has not seen y
 in the next step; that one extra token is dropped. Without overlap, each step reads back its
 own tokens at once, through the same code.
 
+Structured output: a request with a constraint gets an xgrammar matcher (`grammar.py`; its
+grammar compiled once per distinct constraint in this process, cached). Each step its row's
+token bitmask is filled on the host from the matcher's state and applied to its logits before
+sampling; the matcher accepts each token as it is read back. With overlap, a constrained
+request is not planned while its newest token is in flight (it needs that token for the next
+mask), so it decodes every other step; the other rows stay overlapped.
+
 Tensor parallelism: every rank runs its own Scheduler over its shard of the model and KV
 cache. Only the leader (rank 0) is called from outside; it records each call that changes the
 state and, at the start of every step, broadcasts them to the other ranks, which replay them
@@ -41,16 +46,20 @@ from dataclasses import dataclass
 
 from minisgl.config import EngineConfig
 from minisgl.engine.model_runner import ModelRunner
+from minisgl.grammar import GrammarCompiler, GrammarSource
 from minisgl.ipc.messages import TokenOut
 from minisgl.kvcache.allocator import PageAllocator
 from minisgl.kvcache.prefix import PrefixCache
+from minisgl.models.source import resolve_model
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import build_step_plan
 from minisgl.scheduler.pages import KVPages
+from minisgl.scheduler.planner import BatchPlanner
 from minisgl.scheduler.policy import AdmissionPolicy
 from minisgl.scheduler.postprocess import Launched, complete
 from minisgl.scheduler.request import Req
 from minisgl.scheduler.tp_sync import AbortOp, AddOp, Fingerprint, ReleaseCacheOp, TPSync
+from minisgl.tokenizer.tokenizer import Tokenizer, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +104,16 @@ class Scheduler:
         self.kv = KVPages(
             num_pages, cfg.page_size, cfg.max_running_requests, not cfg.disable_radix_cache
         )
-        self.policy = AdmissionPolicy(cfg.schedule_policy, cfg.page_size)
+        policy = AdmissionPolicy(cfg.schedule_policy, cfg.page_size)
+        self.planner = BatchPlanner(self.kv, policy, cfg.chunked_prefill_size, max_model_len)
         self.overlap = runner.overlap
         self._steps = 0
         self._token_digest = 0  # hash of every token read back (ranks compare it)
         self._in_flight: Launched | None = None
-        self.waiting: deque[Req] = deque()
-        self.running: list[Req] = []  # in admission order: retraction takes from the end
-        self._prompt_tokens = self._cached_tokens = self._computed_tokens = 0
-        self._retractions = 0
+        self._computed_tokens = 0
+        self.grammar_source = GrammarSource(
+            self._load_tokenizer, self.vocab_size, sorted(self.eos_ids)
+        )
         log.info(
             "KV cache: %d pages x %d tokens = %d tokens (%.2f GiB), radix cache %s, policy %s, "
             "overlap scheduling %s",
@@ -124,6 +134,14 @@ class Scheduler:
     def cache(self) -> PrefixCache:
         return self.kv.cache
 
+    @property
+    def waiting(self) -> deque[Req]:
+        return self.planner.waiting
+
+    @property
+    def running(self) -> list[Req]:
+        return self.planner.running
+
     # ----- requests -----------------------------------------------------------------------
 
     def add_request(
@@ -133,8 +151,9 @@ class Scheduler:
 
         The prompt and the params are validated before they get here (`check_prompt` and
         `SamplingParams.validate`, by the tokenizer worker or `LLM.submit`); only the pool's
-        size is known here alone. `seed` is the sampling seed when params has none (a random
-        one if None).
+        size is known here alone. A constraint is compiled here (from this process's cache
+        when seen before); one that does not compile raises ValueError naming its field.
+        `seed` is the sampling seed when params has none (a random one if None).
         """
         assert prompt_ids and len(prompt_ids) < self.max_model_len, "validated by check_prompt"
         assert min(prompt_ids) >= 0 and max(prompt_ids) < self.vocab_size, "validated"
@@ -149,9 +168,27 @@ class Scheduler:
             stop_ids |= self.eos_ids
         if seed is None:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
+        matcher = self.grammars.matcher(params) if params.constraint is not None else None
         req = Req(rid, list(prompt_ids), params, seed, frozenset(stop_ids), max_new)
+        req.matcher = matcher
         self.waiting.append(req)
         self.sync.record(AddOp(rid, req.prompt_ids, params, seed))
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The compiler of structured-output constraints (loaded here on first use, unless
+        `grammar_source.prepare()` or `use_tokenizer` came first)."""
+        return self.grammar_source.compiler
+
+    def use_tokenizer(self, tokenizer: Tokenizer | None) -> None:
+        """Compile constraints with this (already loaded) tokenizer."""
+        self.grammar_source.use_tokenizer(tokenizer)
+
+    def _load_tokenizer(self) -> Tokenizer | None:
+        cfg = self.cfg
+        return tokenizer_for(
+            resolve_model(cfg.model, cfg.dummy_weights, cfg.revision), cfg.tokenizer
+        )
 
     def abort(self, rid: str) -> bool:
         """Drop a request wherever it is (queued, retracted, prefilling, decoding)."""
@@ -206,10 +243,10 @@ class Scheduler:
             free_pages=self.allocator.num_free,
             cached_pages=self.cache.cached_pages,
             total_pages=self.allocator.num_pages,
-            prompt_tokens=self._prompt_tokens,
-            cached_tokens=self._cached_tokens,
+            prompt_tokens=self.planner.prompt_tokens,
+            cached_tokens=self.planner.cached_tokens,
             computed_tokens=self._computed_tokens,
-            retractions=self._retractions,
+            retractions=self.planner.retractions,
         )
 
     def check_invariants(self) -> None:
@@ -233,11 +270,15 @@ class Scheduler:
 
     def _launch(self) -> Launched | None:
         """Plan a batch, hand it to the runner, and advance the requests in it."""
-        plan = self._schedule()
+        plan = self.planner.plan()
         if not plan:
             return None
+        batch_matcher = None
+        grammars = self.grammar_source.loaded
+        if grammars is not None and any(r.matcher is not None for r, _ in plan):
+            batch_matcher = grammars.batch
         step_plan = build_step_plan(
-            plan, self.page_size, self.vocab_size, self.kv.take_table_writes()
+            plan, self.page_size, self.vocab_size, self.kv.take_table_writes(), batch_matcher
         )
         step = self.runner.launch(step_plan)
         self._steps += 1
@@ -254,81 +295,6 @@ class Scheduler:
                 req.output_ids.append(-1 - (step.first_slot + i))
         self._computed_tokens += sum(n for _, n in plan)
         return Launched(plan, out_index, step)
-
-    def _schedule(self) -> list[tuple[Req, int]]:
-        """Pick (request, number of new tokens) pairs for this step."""
-        retractions = self._retractions
-        plan = [(r, 1) for r in self._plan_decodes()]
-        budget = self.cfg.chunked_prefill_size
-        for req in self.running:
-            remaining = req.seq_len - req.num_computed
-            if remaining > 1 and budget > 0:
-                n = min(remaining, budget)
-                plan.append((req, n))
-                budget -= n
-        if budget > 0 and self._retractions == retractions:  # none while short of pages
-            plan += self._admit(budget)
-        self.policy.decay()
-        return plan
-
-    def _plan_decodes(self) -> list[Req]:
-        """Decoding requests, with a page for each token; retracts the newest if pages run out."""
-        ps = self.page_size
-        while True:
-            decodes: list[Req] = []
-            need: list[Req] = []
-            for r in self.running:
-                seq_len = len(r.prompt_ids) + len(r.output_ids)
-                # Requests whose last token is in flight wait for it to be read back.
-                if r.num_computed == seq_len - 1 and self._may_continue(r):
-                    decodes.append(r)
-                    if seq_len > len(r.pages) * ps:
-                        need.append(r)
-            if len(need) <= self.kv.available:
-                break
-            self._retract(self.running[-1])
-        self.kv.grow_each(need)
-        return decodes
-
-    def _retract(self, req: Req) -> None:
-        """Send a running request back to the front of the queue, keeping what the cache can."""
-        self.kv.release(req, cache_it=True)
-        self.running.remove(req)
-        req.num_computed = 0
-        self.waiting.appendleft(req)
-        self._retractions += 1
-        self.policy.on_retract()
-        log.debug("retracted %s (%d tokens)", req.rid, req.seq_len)
-
-    def _admit(self, budget: int) -> list[tuple[Req, int]]:
-        """Admit waiting requests while rows, pages and the token budget allow."""
-        plan: list[tuple[Req, int]] = []
-        reserve = self.policy.reserve(self.running)
-        for req in self.policy.order(self.waiting, self.cache):
-            if budget <= 0 or not self.kv.free_rows:
-                break
-            prefix_pages, node = self.kv.match(req)
-            new_pages = self.kv.pages_for(req.seq_len) - len(prefix_pages)
-            future = self.policy.future_pages(req)
-            if self.kv.available - reserve < new_pages + future:
-                self.cache.unlock(node)
-                break
-            self.waiting.remove(req)
-            self.kv.admit(req, prefix_pages, node, new_pages)
-            if req.cached_tokens < 0:
-                req.cached_tokens = req.num_computed
-                self._prompt_tokens += len(req.prompt_ids)
-                self._cached_tokens += req.num_computed
-            self.running.append(req)
-            reserve += future
-            n = min(req.seq_len - req.num_computed, budget)
-            plan.append((req, n))
-            budget -= n
-        return plan
-
-    def _may_continue(self, req: Req) -> bool:
-        """Whether another token may follow the (possibly unread) tokens the request has."""
-        return req.remaining_new_tokens > 0 and req.seq_len < self.max_model_len
 
     def _complete(self, launched: Launched) -> list[TokenOut]:
         """Read back a launched step's tokens and take the finished requests out."""

@@ -9,14 +9,15 @@ import time
 
 from minisgl.ipc.messages import TokenOut
 from minisgl.metrics import EngineMetrics
-from minisgl.scheduler.scheduler import Scheduler
+from minisgl.scheduler.scheduler import Scheduler, SchedulerStats
 
 log = logging.getLogger(__name__)
 
 
 class Telemetry:
     """Feeds `metrics` (None: metrics off) and logs throughput every `log_interval_s` seconds
-    of activity (0: never). Counters count from its creation, after the warm-up."""
+    of activity (0: never). Counters and the cache hit rate count from its creation, after the
+    warm-up (whose prompt would otherwise weigh on the hit rate)."""
 
     def __init__(
         self, sched: Scheduler, metrics: EngineMetrics | None, log_interval_s: float
@@ -24,7 +25,7 @@ class Telemetry:
         self.sched = sched
         self.metrics = metrics
         self.log_interval_s = log_interval_s
-        self._last = sched.stats()  # what the counters have been given so far
+        self._start = self._last = sched.stats()  # _last: what the counters have been given
         self._queued: dict[str, float] = {}  # rid -> when it reached the scheduler
         self._computed = self._last.computed_tokens  # the scheduler's count after the last call
         self._prev_computed = 0  # tokens computed by the step launched by the previous call
@@ -67,11 +68,19 @@ class Telemetry:
             m.decode_step.observe(seconds)
         m.generation_tokens.inc(tokens)
         if self._queued:
-            now = time.monotonic()
-            for req in self.sched.running:
-                queued = self._queued.pop(req.rid, None)
+            # Admitted in this call: now running, or already finished (one token, or a stop
+            # on the first) and then only among the outputs. Admission is at the call's start.
+            admitted = time.monotonic() - seconds
+            rids = [req.rid for req in self.sched.running] + [o.rid for o in outputs]
+            for rid in rids:
+                queued = self._queued.pop(rid, None)
                 if queued is not None:
-                    m.queue_time.observe(now - queued)
+                    m.queue_time.observe(max(0.0, admitted - queued))
+
+    def hit_rate(self, s: SchedulerStats) -> float:
+        """Prompt tokens served from the radix cache / prompt tokens, since the warm-up."""
+        prompt = s.prompt_tokens - self._start.prompt_tokens
+        return (s.cached_tokens - self._start.cached_tokens) / prompt if prompt else 0.0
 
     def update(self) -> None:
         """Refresh the gauges and counters from the scheduler's; log throughput when due."""
@@ -82,7 +91,7 @@ class Telemetry:
             m.running.set(s.running)
             m.waiting.set(s.waiting)
             m.kv_usage.set(s.pool_usage)
-            m.hit_rate.set(s.cache_hit_rate)
+            m.hit_rate.set(self.hit_rate(s))
             m.prompt_tokens.inc(s.prompt_tokens - last.prompt_tokens)
             m.cached_tokens.inc(s.cached_tokens - last.cached_tokens)
             m.retractions.inc(s.retractions - last.retractions)
@@ -104,7 +113,7 @@ class Telemetry:
             s.running,
             s.waiting,
             100 * s.pool_usage,
-            100 * s.cache_hit_rate,
+            100 * self.hit_rate(s),
             extra={
                 "fields": {
                     "prompt_tokens_per_s": round(prompt / elapsed, 3),
@@ -112,7 +121,7 @@ class Telemetry:
                     "running": s.running,
                     "waiting": s.waiting,
                     "kv_usage": round(s.pool_usage, 6),
-                    "cache_hit_rate": round(s.cache_hit_rate, 6),
+                    "cache_hit_rate": round(self.hit_rate(s), 6),
                 }
             },
         )

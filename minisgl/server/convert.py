@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -75,12 +76,28 @@ def to_generate_req(
         skip_special_tokens=out.skip_special_tokens
         if out.HasField("skip_special_tokens")
         else default.skip_special_tokens,
+        **constraint_fields(req.constraint),
     )
     _validate_params(params, info.vocab_size)
     return GenerateReq(rid, text, ids, chat, params, st.HasField("max_new_tokens"))
 
 
+def constraint_fields(c: common_pb2.Constraint) -> dict[str, Any]:
+    """The SamplingParams fields of a Constraint (empty when none is set)."""
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        return {}
+    if kind == "json_object":
+        if not c.json_object:
+            raise ValueError("constraint.json_object: must be true when set")
+        return {"json_object": True}
+    if kind == "choice":
+        return {"choice": list(c.choice.choices)}
+    return {kind: getattr(c, kind)}
+
+
 _FIELD_PREFIX = {
+    **{k: "constraint." for k in ("json_schema", "json_object", "regex", "grammar", "choice")},
     "max_new_tokens": "stopping.",
     "min_new_tokens": "stopping.",
     "stop": "stopping.",

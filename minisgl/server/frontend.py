@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeAlias
 
 import grpc
@@ -31,12 +31,15 @@ from grpc_reflection.v1alpha import reflection
 
 from minisgl.ipc.messages import (
     AbortReq,
+    CacheReleased,
     Delta,
     DeltaBatch,
     ErrorCode,
+    KvEvents,
     Load,
     Message,
     ModelInfo,
+    ReleaseCache,
     ReqError,
     TokenizeCall,
     TokenizeResult,
@@ -81,6 +84,10 @@ LABEL_RELEASE_S = 1.0
 the same request_id (the client may have cancelled it just before)."""
 #: Workers that announce themselves with WorkerReady (the scheduler sends ModelInfo instead).
 READY_WORKERS = frozenset({"tokenizer", "detokenizer"})
+RELEASE_TIMEOUT_S = 30.0
+"""A ReleaseCache the scheduler has not answered by then: None (server/sglang_service.py)."""
+ExtraService: TypeAlias = "tuple[str, Callable[[grpc.aio.Server], None]]"
+"""A service served beside minisgl.v1: its full name and the function that registers it."""
 
 
 class Frontend:
@@ -95,6 +102,15 @@ class Frontend:
         self.zmq = zmq.asyncio.Context()
         self.inbox = AsyncReceiver(self.zmq, endpoints.frontend)
         self.to_tokenizer = AsyncSender(self.zmq, endpoints.tokenizer)
+        self.to_scheduler = AsyncSender(self.zmq, endpoints.scheduler)
+        """Control messages that need no tokenizer (ReleaseCache)."""
+        self.service_names: tuple[str, ...] = SERVICE_NAMES
+        """The services whose health this frontend sets (build_server adds extra ones)."""
+        self.last_receive = 0.0
+        """time.time() of the last message from a worker."""
+        self.releases: dict[int, asyncio.Future[CacheReleased]] = {}
+        self.on_kv_events: Callable[[KvEvents], None] | None = None
+        """Where the radix cache's events go (sglang's SubscribeKvEvents); None: dropped."""
         self.health = HealthServicer()
         self.state: FrontendState = "starting"
         self.info: ModelInfo | None = None
@@ -118,13 +134,14 @@ class Frontend:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *self.service_names):
             await self.health.set(name, status)
 
     async def receive_loop(self) -> None:
         """Dispatch everything the workers send to the frontend."""
         while True:
             msg = await self.inbox.recv()
+            self.last_receive = time.time()
             try:
                 self._dispatch(msg)
             except Exception:  # one bad message must not stop the dispatch of all others
@@ -146,6 +163,13 @@ class Frontend:
             fut = self.calls.pop(msg.call_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+        elif isinstance(msg, KvEvents):
+            if self.on_kv_events is not None:
+                self.on_kv_events(msg)
+        elif isinstance(msg, CacheReleased):
+            released = self.releases.pop(msg.call_id, None)
+            if released is not None and not released.done():
+                released.set_result(msg)
         elif isinstance(msg, ModelInfo | WorkerReady):
             if isinstance(msg, ModelInfo):
                 self.info = msg
@@ -197,8 +221,15 @@ class Frontend:
         self,
         request: convert.AnyGenerateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
+        send_metadata: bool = True,
+        field_names: Callable[[str], str] | None = None,
     ) -> AsyncIterator[Delta]:
-        """Validate, submit and yield deltas until the request finishes; abort if abandoned."""
+        """Validate, submit and yield deltas until the request finishes; abort if abandoned.
+
+        send_metadata False: the caller sends the call's initial metadata itself (a call that
+        runs several generations, sglang's n > 1, can send it only once). field_names: how
+        the caller's protocol names the fields in INVALID_ARGUMENT messages (sglang's)."""
+        rename = field_names or _same
         timer = RequestTimer()
         info = await self.check_available(context)
         label = request.request_id or uuid.uuid4().hex
@@ -207,7 +238,7 @@ class Frontend:
             convert.check_request_id(label)
             msg = convert.to_generate_req(request, rid, info, self.cfg.limits)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, rename(str(e)))
         if label in self.labels:
             await self._wait_label(label, context)
             info = await self.check_available(context)  # it may have changed meanwhile
@@ -229,7 +260,8 @@ class Frontend:
         last: Delta | None = None
         generated = 0
         try:
-            await context.send_initial_metadata((("x-request-id", label),))
+            if send_metadata:
+                await context.send_initial_metadata((("x-request-id", label),))
             log.debug("request %s is call %s", label, rid)
             self.to_tokenizer.send(msg)
             sent = True
@@ -239,7 +271,10 @@ class Frontend:
                 if isinstance(item, ReqError):
                     finished = True
                     status = _CODES[item.code].name
-                    await context.abort(_CODES[item.code], item.message)
+                    message = item.message
+                    if item.code == "invalid_argument":
+                        message = rename(message)
+                    await context.abort(_CODES[item.code], message)
                 assert isinstance(item, Delta)
                 timer.tokens(len(item.token_ids))
                 generated += len(item.token_ids)
@@ -265,6 +300,31 @@ class Frontend:
                 if self.metrics is not None:
                     timer.observe(self.metrics, reason or ("abort" if status != "OK" else None))
                 _log_request(label, rid, first, generated, timer, reason, status)
+
+    def abort_label(self, label: str) -> bool:
+        """Abort the in-flight call whose request_id is `label`, as if its client had gone:
+        the scheduler frees it and its stream ends with finish_reason "abort". False if no
+        call has that label."""
+        held = self.labels.get(label)
+        if held is None:
+            return False
+        log.info("aborting %s (call %s) on request", label, held[0])
+        self.to_tokenizer.send(AbortReq(held[0]))  # behind the request itself, never before
+        return True
+
+    async def release_cache(self) -> CacheReleased | None:
+        """Have the scheduler evict every prefix-cache entry no running request holds; None
+        if it did not answer within RELEASE_TIMEOUT_S."""
+        call_id = next(self._call_ids)
+        fut: asyncio.Future[CacheReleased] = asyncio.get_running_loop().create_future()
+        self.releases[call_id] = fut
+        self.to_scheduler.send(ReleaseCache(call_id))
+        try:
+            return await asyncio.wait_for(fut, RELEASE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self.releases.pop(call_id, None)
 
     async def _wait_label(self, label: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """ALREADY_EXISTS unless the call that has `label` is abandoned within LABEL_RELEASE_S.
@@ -359,6 +419,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 )
                 msg.usage.CopyFrom(_usage(info, generated))
             yield msg
+
+
+def _same(message: str) -> str:
+    return message
 
 
 def _log_request(
@@ -642,10 +706,12 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-def build_server(fe: Frontend) -> grpc.aio.Server:
-    """The grpc.aio server with every service, health and reflection registered."""
+def build_server(fe: Frontend, extra: Sequence[ExtraService] = ()) -> grpc.aio.Server:
+    """The grpc.aio server with every service, health and reflection registered; `extra`
+    services (sglang's, server/sglang_service.py) get the same interceptors and health."""
     keys = KeyCheck(fe.cfg.api_keys)
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformed(SERVICE_NAMES)]
+    fe.service_names = (*SERVICE_NAMES, *(name for name, _ in extra))
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [RejectMalformed(fe.service_names)]
     if keys:  # first: a call without a key is refused before its request is parsed
         interceptors.insert(0, RequireApiKey(keys))
     if fe.metrics is not None:  # first, so that it counts every call, refused ones too
@@ -653,10 +719,12 @@ def build_server(fe: Frontend) -> grpc.aio.Server:
     server = grpc.aio.server(options=server_options(fe.cfg), interceptors=interceptors)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(fe), server)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(fe), server)
+    for _, register in extra:
+        register(server)
     health_pb2_grpc.add_HealthServicer_to_server(fe.health, server)
     reflection.enable_server_reflection(
         (
-            *SERVICE_NAMES,
+            *fe.service_names,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

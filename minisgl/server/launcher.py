@@ -32,7 +32,7 @@ from minisgl.config import EngineConfig
 from minisgl.distributed.rendezvous import free_port
 from minisgl.ipc.messages import Shutdown
 from minisgl.ipc.transport import Endpoints, encode
-from minisgl.models.source import resolve_model
+from minisgl.models.source import ModelSource, resolve_model
 from minisgl.server.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -173,19 +173,21 @@ class Workers:
                 proc.join(5)
 
 
-async def _serve(cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints) -> int:
+async def _serve(
+    cfg: EngineConfig, scfg: ServerConfig, endpoints: Endpoints, source: ModelSource
+) -> int:
     """With --metrics-port, the metrics endpoint around `_serve_grpc` (minisgl.metrics: the
     scheduler writes its metrics into a directory of the private temporary one, which the
     frontend's endpoint reads with its own)."""
     if scfg.metrics_port is None:
-        return await _serve_grpc(cfg, scfg, endpoints)
+        return await _serve_grpc(cfg, scfg, endpoints, source)
     from minisgl.server.metrics import start_metrics
 
     metrics_dir = endpoints.root / "metrics"
     metrics_dir.mkdir(mode=0o700)
     metrics, metrics_server = start_metrics(scfg.host, scfg.metrics_port, str(metrics_dir))
     try:
-        return await _serve_grpc(cfg, scfg, endpoints, metrics, str(metrics_dir))
+        return await _serve_grpc(cfg, scfg, endpoints, source, metrics, str(metrics_dir))
     finally:
         metrics_server.close()
 
@@ -194,13 +196,18 @@ async def _serve_grpc(
     cfg: EngineConfig,
     scfg: ServerConfig,
     endpoints: Endpoints,
+    source: ModelSource,
     metrics: RpcMetrics | None = None,
     metrics_dir: str | None = None,
 ) -> int:
+    from minisgl.server import sglang_service
     from minisgl.server.frontend import Frontend, build_server
+    from minisgl.server.sglang_tokenizer import tokenizer_source
 
     fe = Frontend(scfg, endpoints, metrics)
-    server = build_server(fe)
+    # sglang.grpc.scheduler beside minisgl.v1, for smg (server/sglang_service.py)
+    tokenizer = tokenizer_source(source, cfg.tokenizer)
+    server = build_server(fe, (sglang_service.service(fe, tokenizer),))
     address = grpc_address(scfg.host, scfg.port)
     try:
         if scfg.tls is None:
@@ -271,14 +278,15 @@ def _security(scfg: ServerConfig) -> str:
     return f"{tls}, {f'{keys} API keys' if keys else 'no API key'}"
 
 
-def check_model(cfg: EngineConfig) -> None:
+def check_model(cfg: EngineConfig) -> ModelSource:
     """Fail fast, in this process and before listening: the model resolves, splits over
-    --tp-size and has its weight files."""
+    --tp-size and has its weight files. Returns where it comes from."""
     source = resolve_model(cfg.model, cfg.dummy_weights, cfg.revision, cfg.progress)
     problem = source.config.tp_problem(cfg.tp_size)
     if problem is not None:
         raise ValueError(f"--tp-size: {problem}")
     source.check_weights()
+    return source
 
 
 def _preflight_child(cfg: EngineConfig, conn: Connection) -> None:
@@ -371,7 +379,7 @@ def serve(cfg: EngineConfig, scfg: ServerConfig) -> int:
     What can be checked before listening is (ValueError / ModelLoadError, one line each):
     the model, its weight files and --tp-size, the device and attention backend, the address.
     """
-    check_model(cfg)
+    source = check_model(cfg)
     check_device(cfg, scfg.log_level)
     check_address(scfg.host, scfg.port)
     if scfg.metrics_port is not None:
@@ -386,8 +394,8 @@ def serve(cfg: EngineConfig, scfg: ServerConfig) -> int:
         try:
             import uvloop
 
-            return uvloop.run(_serve(cfg, scfg, Endpoints(root)))
+            return uvloop.run(_serve(cfg, scfg, Endpoints(root), source))
         except ImportError:
-            return asyncio.run(_serve(cfg, scfg, Endpoints(root)))
+            return asyncio.run(_serve(cfg, scfg, Endpoints(root), source))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -99,8 +99,9 @@ class RequestTimer:
             metrics.ttft.observe(self.first - self.start)
             for gap in self.gaps:
                 metrics.itl.observe(gap)
-        if finish_reason is not None:
-            metrics.e2e.observe(self.last - self.start)
+        if finish_reason is not None:  # to the last token; without one, to this end
+            end = self.last if self.first is not None else time.monotonic()
+            metrics.e2e.observe(end - self.start)
             metrics.finished.labels(finish_reason).inc()
 
 

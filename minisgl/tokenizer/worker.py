@@ -2,9 +2,11 @@
 
 The tokenizer turns GenerateReqs into token ids (overlapping with the scheduler's GPU
 work), checks them (`check_prompt`: the ids' range and the context length, checked nowhere
-earlier), and forwards aborts in order. The detokenizer turns the scheduler's token ids into
-UTF-8-safe text deltas, matches stop strings (and asks the scheduler to abort a request that
-hit one) and sends deltas to the frontend.
+earlier), compiles their structured-output constraints (the scheduler process compiles each
+distinct constraint again, from its own cache), and forwards aborts in order. The
+detokenizer turns the scheduler's token ids into UTF-8-safe text deltas, matches stop
+strings (and asks the scheduler to abort a request that hit one) and sends deltas to the
+frontend.
 
 Neither lets one request end the process: bad input (ValueError, a chat template that
 refuses the conversation) fails that request with "invalid_argument"; any other exception
@@ -20,6 +22,7 @@ import jinja2
 import zmq
 
 from minisgl.config import EngineConfig
+from minisgl.grammar import GrammarCompiler
 from minisgl.ipc.messages import (
     AbortReq,
     Delta,
@@ -38,7 +41,7 @@ from minisgl.ipc.messages import (
 )
 from minisgl.ipc.transport import Endpoints, Receiver, Sender
 from minisgl.models.source import resolve_model
-from minisgl.sampling_params import FinishReason
+from minisgl.sampling_params import FinishReason, SamplingParams
 from minisgl.tokenizer.tokenizer import (
     IncrementalDetokenizer,
     Prompt,
@@ -78,10 +81,17 @@ def _internal(e: Exception) -> str:
 
 
 def tokenizer_reply(
-    tok: Tokenizer | None, msg: Message, vocab: int, max_model_len: int
+    tok: Tokenizer | None,
+    msg: Message,
+    vocab: int,
+    max_model_len: int,
+    grammars: GrammarCompiler | None = None,
 ) -> Message | None:
     """What the tokenizer sends for one message: a NewReq or the AbortReq (to the scheduler),
-    a ReqError or a TokenizeResult (to the frontend), or None. Never raises."""
+    a ReqError or a TokenizeResult (to the frontend), or None. Never raises.
+
+    A structured-output constraint is compiled here with `grammars` (cached by constraint),
+    so one that does not compile fails its request before it reaches the scheduler."""
     try:
         if isinstance(msg, AbortReq):
             return msg
@@ -90,6 +100,8 @@ def tokenizer_reply(
             strict = msg.params.max_new_tokens if msg.strict_max_new_tokens else None
             field = "prompt.token_ids" if msg.token_ids is not None else "prompt"
             check_prompt(ids, strict, vocab, max_model_len, field)
+            if grammars is not None:
+                _compile(grammars, msg.params)
             return NewReq(msg.rid, ids, msg.params)
         if isinstance(msg, TokenizeCall):
             return _tokenize_call(tok, msg, vocab, max_model_len)
@@ -99,6 +111,14 @@ def tokenizer_reply(
     except Exception as e:
         log.exception("unexpected error in the tokenizer while handling %s", type(msg).__name__)
         return _failure(msg, "internal", _internal(e))
+
+
+def _compile(grammars: GrammarCompiler, params: SamplingParams) -> None:
+    """Compile the request's constraint; ValueError naming its gRPC field if it does not."""
+    try:
+        grammars.compile(params)
+    except ValueError as e:
+        raise ValueError(f"constraint.{e}") from None
 
 
 def _failure(msg: Message, code: ErrorCode, message: str) -> Message | None:
@@ -115,6 +135,7 @@ def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
     max_model_len = source.context_length(cfg.max_model_len)
     tok = tokenizer_for(source, cfg.tokenizer)
     vocab = source.config.vocab_size
+    grammars = GrammarCompiler(tok, vocab, source.config.eos_token_ids)  # xgrammar on first use
     ctx = zmq.Context()
     inbox = Receiver(ctx, endpoints.tokenizer)
     to_scheduler = Sender(ctx, endpoints.scheduler)
@@ -127,7 +148,7 @@ def run_tokenizer(cfg: EngineConfig, endpoints: Endpoints) -> None:
             break
         if msg is None:
             continue
-        reply = tokenizer_reply(tok, msg, vocab, max_model_len)
+        reply = tokenizer_reply(tok, msg, vocab, max_model_len, grammars)
         if isinstance(reply, NewReq | AbortReq):
             to_scheduler.send(reply)
         elif reply is not None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from minisgl.v1 import common_pb2 as minisgl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bminisgl/v1/generation.proto\x12\nminisgl.v1\x1a\x17minisgl/v1/common.proto\"\xd2\x01\n\x0fGenerateRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.minisgl.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.minisgl.v1.SamplingOptions\x12-\n\x08stopping\x18\x03 \x01(\x0b\x32\x1b.minisgl.v1.StoppingOptions\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.minisgl.v1.OutputOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xe7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.minisgl.v1.TokenLogprobs\x12+\n\x0bprompt_info\x18\x05 \x01(\x0b\x32\x16.minisgl.v1.PromptInfo\x12\"\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x12.minisgl.v1.Finish\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.minisgl.v1.Usage\"\xd8\x01\n\x15StreamGenerateRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.minisgl.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.minisgl.v1.SamplingOptions\x12-\n\x08stopping\x18\x03 \x01(\x0b\x32\x1b.minisgl.v1.StoppingOptions\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.minisgl.v1.OutputOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xed\x01\n\x16StreamGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.minisgl.v1.TokenLogprobs\x12+\n\x0bprompt_info\x18\x05 \x01(\x0b\x32\x16.minisgl.v1.PromptInfo\x12\"\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x12.minisgl.v1.Finish\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.minisgl.v1.Usage2\xb5\x01\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.minisgl.v1.GenerateRequest\x1a\x1c.minisgl.v1.GenerateResponse\x12Y\n\x0eStreamGenerate\x12!.minisgl.v1.StreamGenerateRequest\x1a\".minisgl.v1.StreamGenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bminisgl/v1/generation.proto\x12\nminisgl.v1\x1a\x17minisgl/v1/common.proto\"\xfe\x01\n\x0fGenerateRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.minisgl.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.minisgl.v1.SamplingOptions\x12-\n\x08stopping\x18\x03 \x01(\x0b\x32\x1b.minisgl.v1.StoppingOptions\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.minisgl.v1.OutputOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\nconstraint\x18\x06 \x01(\x0b\x32\x16.minisgl.v1.Constraint\"\xe7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.minisgl.v1.TokenLogprobs\x12+\n\x0bprompt_info\x18\x05 \x01(\x0b\x32\x16.minisgl.v1.PromptInfo\x12\"\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x12.minisgl.v1.Finish\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.minisgl.v1.Usage\"\x84\x02\n\x15StreamGenerateRequest\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.minisgl.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.minisgl.v1.SamplingOptions\x12-\n\x08stopping\x18\x03 \x01(\x0b\x32\x1b.minisgl.v1.StoppingOptions\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.minisgl.v1.OutputOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\nconstraint\x18\x06 \x01(\x0b\x32\x16.minisgl.v1.Constraint\"\xed\x01\n\x16StreamGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.minisgl.v1.TokenLogprobs\x12+\n\x0bprompt_info\x18\x05 \x01(\x0b\x32\x16.minisgl.v1.PromptInfo\x12\"\n\x06\x66inish\x18\x06 \x01(\x0b\x32\x12.minisgl.v1.Finish\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.minisgl.v1.Usage2\xb5\x01\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.minisgl.v1.GenerateRequest\x1a\x1c.minisgl.v1.GenerateResponse\x12Y\n\x0eStreamGenerate\x12!.minisgl.v1.StreamGenerateRequest\x1a\".minisgl.v1.StreamGenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'minisgl.v1.generation_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=69
-  _globals['_GENERATEREQUEST']._serialized_end=279
-  _globals['_GENERATERESPONSE']._serialized_start=282
-  _globals['_GENERATERESPONSE']._serialized_end=513
-  _globals['_STREAMGENERATEREQUEST']._serialized_start=516
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=732
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=735
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=972
-  _globals['_GENERATIONSERVICE']._serialized_start=975
-  _globals['_GENERATIONSERVICE']._serialized_end=1156
+  _globals['_GENERATEREQUEST']._serialized_end=323
+  _globals['_GENERATERESPONSE']._serialized_start=326
+  _globals['_GENERATERESPONSE']._serialized_end=557
+  _globals['_STREAMGENERATEREQUEST']._serialized_start=560
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=820
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=823
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1060
+  _globals['_GENERATIONSERVICE']._serialized_start=1063
+  _globals['_GENERATIONSERVICE']._serialized_end=1244
 # @@protoc_insertion_point(module_scope)

@@ -30,6 +30,7 @@ class GenerateRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen id (at most 128 characters); empty: the server makes one.
     The id is also returned in the `x-request-id` response metadata. It is a label: the
@@ -55,6 +56,10 @@ class GenerateRequest(_message.Message):
     def output(self) -> _common_pb2.OutputOptions:
         """What the response includes besides tokens and text."""
 
+    @_builtins.property
+    def constraint(self) -> _common_pb2.Constraint:
+        """Structured output: what the output must match (see Constraint). Default: nothing."""
+
     def __init__(
         self,
         *,
@@ -63,10 +68,11 @@ class GenerateRequest(_message.Message):
         stopping: _common_pb2.StoppingOptions | None = ...,
         output: _common_pb2.OutputOptions | None = ...,
         request_id: _builtins.str = ...,
+        constraint: _common_pb2.Constraint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraint", b"constraint", "output", b"output", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint", b"constraint", "output", b"output", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -139,6 +145,7 @@ class StreamGenerateRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional client-chosen id (at most 128 characters); empty: the server makes one.
     A label, as in GenerateRequest.request_id: unique among calls in flight, reusable once
@@ -160,6 +167,10 @@ class StreamGenerateRequest(_message.Message):
     def output(self) -> _common_pb2.OutputOptions:
         """What the response includes besides tokens and text."""
 
+    @_builtins.property
+    def constraint(self) -> _common_pb2.Constraint:
+        """Structured output: what the output must match (see Constraint). Default: nothing."""
+
     def __init__(
         self,
         *,
@@ -168,10 +179,11 @@ class StreamGenerateRequest(_message.Message):
         stopping: _common_pb2.StoppingOptions | None = ...,
         output: _common_pb2.OutputOptions | None = ...,
         request_id: _builtins.str = ...,
+        constraint: _common_pb2.Constraint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraint", b"constraint", "output", b"output", "prompt", b"prompt", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint", b"constraint", "output", b"output", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stopping", b"stopping"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,6 +154,20 @@ def test_top_k_only_emits_the_k_most_likely(k: int) -> None:
     assert_distribution(ids, only(allowed, probs))
 
 
+@pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (9, 0.3)])
+def test_ties_at_the_cut_keep_the_lowest_ids(top_k: int, top_p: float) -> None:
+    """Equal probabilities rank by token id (the GPU kernels keep the same set): of the tokens
+    tied at the cut, the lowest ids are kept, wherever the tie lies in the vocabulary."""
+    logits = torch.full((300,), -3.0)
+    tied = torch.tensor([290, 17, 5, 250, 101, 33])
+    logits[tied] = 1.0
+    logits[120] = 2.0
+    ids = draw(logits, 3000, seed0=41, top_k=top_k, top_p=top_p)
+    # top_p 0.3: 2.0's mass is 0.19 of the row and each tied token's 0.07, so the prefix
+    # reaching 0.3 ends with the second tied token.
+    assert set(ids.tolist()) == {120, 5, 17}
+
+
 # Probabilities by rank, scattered over token ids so that sorting is exercised.
 TOP_P_PROBS = [0.5, 0.3, 0.15, 0.05]
 TOP_P_ORDER = [2, 0, 3, 1]

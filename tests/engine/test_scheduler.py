@@ -376,18 +376,18 @@ def test_overlap_request_retracted_while_its_stop_token_is_in_flight(
     rid = llm.submit(
         prompt, SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=[stop])
     )
-    plan_decodes = sched._plan_decodes
+    plan_decodes = sched.planner._plan_decodes
     forced = []
 
     def retract_when_stop_is_in_flight() -> list[Any]:
         for r in list(sched.running):
             # Its (k+1)-th token, the stop, is sampled by the step in flight.
             if r.rid == rid and len(r.output_ids) == k + 1 and r.output_ids[k] < 0:
-                sched._retract(r)  # as if the pool had no page for its next token
+                sched.planner.retract(r)  # as if the pool had no page for its next token
                 forced.append(r)
         return plan_decodes()
 
-    monkeypatch.setattr(sched, "_plan_decodes", retract_when_stop_is_in_flight)
+    monkeypatch.setattr(sched.planner, "_plan_decodes", retract_when_stop_is_in_flight)
     done = _run(llm)
     assert forced, "the request was never retracted with its stop token in flight"
     assert forced[0].row < 0 and forced[0] not in sched.waiting

@@ -29,6 +29,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qwen3-qknorm": {"arch": "Qwen3ForCausalLM", "tie_word_embeddings": False},
 }
 
+# Mixture-of-experts variants (tests/engine/test_moe.py), apart from VARIANTS so that the
+# dense suites do not run them. qwen3-moe: 8 experts, top 2 without renormalisation, layer 1
+# dense (mlp_only_layers); mixtral: 8 experts, top 2 renormalised, every layer sparse.
+MOE_VARIANTS: dict[str, dict[str, Any]] = {
+    "qwen3-moe": {
+        "arch": "Qwen3MoeForCausalLM",
+        "tie_word_embeddings": False,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+    },
+    "mixtral": {
+        "arch": "MixtralForCausalLM",
+        "tie_word_embeddings": False,
+        "intermediate_size": 48,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+}
+
 
 def hf_config(arch: str, **overrides: Any) -> Any:
     """A transformers config object for a tiny model of `arch`."""
@@ -39,6 +63,8 @@ def hf_config(arch: str, **overrides: Any) -> Any:
         "MistralForCausalLM": transformers.MistralConfig,
         "Qwen2ForCausalLM": transformers.Qwen2Config,
         "Qwen3ForCausalLM": transformers.Qwen3Config,
+        "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig,
+        "MixtralForCausalLM": transformers.MixtralConfig,
     }[arch]
     base: dict[str, Any] = dict(
         vocab_size=2048,
@@ -67,11 +93,12 @@ def make_checkpoint(
     max_shard_size: str | None = None,
     **overrides: Any,
 ) -> Path:
-    """Write a random checkpoint of VARIANTS[variant] (plus the demo tokenizer) into `out`;
-    `overrides` change config fields (vocab_size, num_key_value_heads, ...)."""
+    """Write a random checkpoint of VARIANTS[variant] or MOE_VARIANTS[variant] (plus the demo
+    tokenizer) into `out`; `overrides` change config fields (vocab_size, num_key_value_heads,
+    ...)."""
     from transformers import AutoModelForCausalLM
 
-    spec = dict(VARIANTS[variant]) | overrides
+    spec = dict(VARIANTS.get(variant) or MOE_VARIANTS[variant]) | overrides
     arch = spec.pop("arch")
     cfg = hf_config(arch, **spec)
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -21,55 +21,12 @@ from minisgl.config import EngineConfig
 from minisgl.models.source import DEMO_DIR
 from minisgl.sampling_params import SamplingParams
 from minisgl.server.config import ServerConfig
+from tests.helpers.cli_runs import CliResult, CliRuns
 from tests.helpers.server_util import free_port, run_server, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
 NOT_OURS = "203.0.113.7"  # TEST-NET-3 (RFC 5737): never an address of this machine
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class Runs:
-    """Start CLI subprocesses at once (they overlap their ~5 s of imports), collect later."""
-
-    def __init__(self) -> None:
-        self._procs: dict[str, subprocess.Popen[str]] = {}
-        self._done: dict[str, Result] = {}
-
-    def start(self, name: str, *args: str, pythonpath: Path | None = None) -> None:
-        """Run `python -m minisgl.cli ARGS`; `pythonpath` goes first on PYTHONPATH (e.g. a
-        sitecustomize.py that changes what imports)."""
-        path = os.pathsep.join(str(p) for p in (pythonpath, ROOT) if p is not None)
-        # Without TRITON_INTERPRET, which the interpreter tests set in this process at import.
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(COLUMNS="200", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="")
-        self._procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "minisgl.cli", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def __getitem__(self, name: str) -> Result:
-        if name not in self._done:
-            proc = self._procs[name]
-            out, err = proc.communicate(timeout=TIMEOUT)
-            self._done[name] = Result(proc.returncode, out, err)
-        return self._done[name]
-
-    def close(self) -> None:
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
 
 
 #: Makes `import triton` fail as if it were not installed (a sitecustomize.py).
@@ -99,8 +56,8 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
-    r = Runs()
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRuns]:
+    r = CliRuns()
     no_weights = tmp_path_factory.mktemp("no-weights")
     for f in DEMO_DIR.glob("*.json"):  # config and tokenizer, no *.safetensors
         shutil.copy(f, no_weights / f.name)
@@ -113,6 +70,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     r.start("serve-bad-host", "serve", "--host", NOT_OURS, "--port", port)
     r.start("serve-cuda", "serve", "--device", "cuda", "--port", port)
     r.start("serve-triton", "serve", "--attention-backend", "triton", "--port", port)
+    r.start(
+        "serve-fp8-flashinfer",
+        *("serve", "--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"),
+        *("--port", port),
+    )
     r.start(
         "serve-no-triton",
         "serve",
@@ -158,7 +120,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     r.close()
 
 
-def test_generate_prints_prompt_and_summary(runs: Runs) -> None:
+def test_generate_prints_prompt_and_summary(runs: CliRuns) -> None:
     res = runs["generate"]
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -167,7 +129,7 @@ def test_generate_prints_prompt_and_summary(runs: Runs) -> None:
     assert "Traceback" not in res.stderr
 
 
-def test_generate_json_output_parses(runs: Runs) -> None:
+def test_generate_json_output_parses(runs: CliRuns) -> None:
     res = runs["json"]
     assert res.returncode == 0, res.stderr
     records = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
@@ -178,7 +140,7 @@ def test_generate_json_output_parses(runs: Runs) -> None:
         assert r["finish_reason"] == "length"
 
 
-def test_generate_help_mentions_every_engine_flag(runs: Runs) -> None:
+def test_generate_help_mentions_every_engine_flag(runs: CliRuns) -> None:
     res = runs["help"]
     assert res.returncode == 0, res.stderr
     for f in fields(EngineConfig):
@@ -217,7 +179,7 @@ def test_engine_flags_come_from_the_engine_config_fields() -> None:
         EngineConfig.from_options(None, {"attention_backend": "cuda"})
 
 
-def test_bad_model_is_a_one_line_error(runs: Runs) -> None:
+def test_bad_model_is_a_one_line_error(runs: CliRuns) -> None:
     res = runs["bad-model"]
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
@@ -234,7 +196,7 @@ def test_bad_model_is_a_one_line_error(runs: Runs) -> None:
         ("serve-bad-tp", "--tp-size: attention heads (4) is not divisible by the tensor-parallel"),
     ],
 )
-def test_serve_refuses_before_listening(runs: Runs, run: str, needle: str) -> None:
+def test_serve_refuses_before_listening(runs: CliRuns, run: str, needle: str) -> None:
     res = runs[run]
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("minisgl: error:")]
@@ -242,7 +204,7 @@ def test_serve_refuses_before_listening(runs: Runs, run: str, needle: str) -> No
     assert "listening" not in res.stderr and "Traceback" not in res.stderr
 
 
-def only_error_line(res: Result) -> str:
+def only_error_line(res: CliResult) -> str:
     """The one line a refused start prints (and nothing else: no traceback, no log)."""
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
@@ -264,12 +226,16 @@ TRITON_ON_CPU = "--attention-backend triton needs a CUDA device, and the engine 
         ("generate-cuda", "--device cuda: CUDA is not available here"),
         ("serve-no-triton", TRITON_MISSING),
         (
+            "serve-fp8-flashinfer",
+            "--kv-cache-dtype fp8_e4m3 is not supported by --attention-backend flashinfer",
+        ),
+        (
             "serve-triton",
             TRITON_ON_CPU if importlib.util.find_spec("triton") is not None else TRITON_MISSING,
         ),
     ],
 )
-def test_startup_faults_are_one_line_and_exit_2(runs: Runs, run: str, needle: str) -> None:
+def test_startup_faults_are_one_line_and_exit_2(runs: CliRuns, run: str, needle: str) -> None:
     """What serve can check before it listens (weights, port, host, device, backend) ends the
     process with one line and code 2, never a traceback or a server that stays NOT_SERVING."""
     res = runs[run]
@@ -316,7 +282,7 @@ def test_a_second_server_on_a_busy_port_refuses(tmp_path: Path) -> None:
             timeout=60,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        line = only_error_line(Result(second.returncode, second.stdout, second.stderr))
+        line = only_error_line(CliResult(second.returncode, second.stdout, second.stderr))
         assert line == f"minisgl: error: --port {first.port}: already in use on 127.0.0.1"
         assert second.returncode == 2
         assert first.proc.poll() is None and first.health() != "no-connection"
@@ -341,7 +307,7 @@ def option_entries(help_text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", list(subcommands()))
-def test_help_shows_every_options_default(runs: Runs, command: str) -> None:
+def test_help_shows_every_options_default(runs: CliRuns, command: str) -> None:
     """Every option of every subcommand (those added later too) says its default in --help:
     the value itself, or in words when it has none."""
     res = runs[f"help-{command}"]
@@ -358,7 +324,7 @@ def test_help_shows_every_options_default(runs: Runs, command: str) -> None:
             assert str(action.default) in entry, f"{flag}: {action.default} not in {entry!r}"
 
 
-def test_generate_uses_the_api_default_max_new_tokens(runs: Runs) -> None:
+def test_generate_uses_the_api_default_max_new_tokens(runs: CliRuns) -> None:
     res = runs["default-length"]
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout.splitlines()[0])
@@ -440,7 +406,7 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest() -> None:
             assert in_build_context(f, rules), f"{f} (COPY {src}) is excluded by .dockerignore"
 
 
-def test_presets_lists_qwen3(runs: Runs) -> None:
+def test_presets_lists_qwen3(runs: CliRuns) -> None:
     res = runs["presets"]
     assert res.returncode == 0, res.stderr
     names = res.stdout.split()
@@ -489,7 +455,7 @@ def big_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def no_text(big_vocab: Path) -> Iterator[dict[str, Result]]:
+def no_text(big_vocab: Path) -> Iterator[dict[str, CliResult]]:
     """`generate` (plain and --json) and `chat` (two messages on stdin) for big_vocab."""
     model = ("--model", str(big_vocab), *NO_TEXT_FLAGS, "--no-progress")
     commands = {
@@ -511,11 +477,11 @@ def no_text(big_vocab: Path) -> Iterator[dict[str, Result]]:
         )
         for name, args in commands.items()
     }
-    results: dict[str, Result] = {}
+    results: dict[str, CliResult] = {}
     try:
         for name, proc in procs.items():
             out, err = proc.communicate(inputs.get(name, ""), timeout=TIMEOUT)
-            results[name] = Result(proc.returncode, out, err)
+            results[name] = CliResult(proc.returncode, out, err)
         yield results
     finally:
         for proc in procs.values():
@@ -530,7 +496,7 @@ def _token_ids(line: str) -> list[int]:
     return [int(t) for t in match[1].split()]
 
 
-def test_generate_without_text_says_so_and_shows_the_ids(no_text: dict[str, Result]) -> None:
+def test_generate_without_text_says_so_and_shows_the_ids(no_text: dict[str, CliResult]) -> None:
     res, as_json = no_text["generate"], no_text["json"]
     assert res.returncode == 0 and as_json.returncode == 0, res.stderr + as_json.stderr
     record = json.loads(as_json.stdout)
@@ -543,7 +509,7 @@ def test_generate_without_text_says_so_and_shows_the_ids(no_text: dict[str, Resu
     assert lines[3] == "  [3 tokens, length]"
 
 
-def test_chat_without_text_shows_each_replys_ids(no_text: dict[str, Result]) -> None:
+def test_chat_without_text_shows_each_replys_ids(no_text: dict[str, CliResult]) -> None:
     res = no_text["chat"]
     assert res.returncode == 0, res.stderr
     assert "Text is unavailable: big-vocab has no tokenizer of its own" in res.stdout

@@ -590,7 +590,6 @@ def test_a_wrong_type_in_any_field_is_a_4xx_naming_it_never_a_500(gateway: str, 
     [
         ("chat", "logit_bias", {"5": 10}),
         ("completions", "logit_bias", {"5": 10}),
-        ("chat", "response_format", {"type": "json_object"}),
         ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
         ("chat", "tool_choice", "auto"),
         ("chat", "functions", [{"name": "f"}]),

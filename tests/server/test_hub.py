@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from minisgl.models.errors import ModelLoadError
 from minisgl.models.hub import is_hub_id, weight_patterns
 from minisgl.models.source import resolve_model
 from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.cli_runs import CliRuns
 from tests.helpers.server_util import run_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,60 +74,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Hub:
     return Hub(home, {MAIN: main, V2: v2})
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def records(self) -> list[dict[str, Any]]:
-        assert self.returncode == 0, self.stderr
-        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
-
-    def error(self) -> str:
-        """The one `minisgl: error:` line of a failed run."""
-        assert self.returncode == 2, (self.returncode, self.stderr)
-        assert "Traceback" not in self.stderr, self.stderr
-        errors = [ln for ln in self.stderr.splitlines() if ln.startswith("minisgl: error:")]
-        assert len(errors) == 1, self.stderr
-        return errors[0]
-
-
-class Runs:
-    """CLI subprocesses started together (their imports overlap), collected by name."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-        self._procs: dict[str, subprocess.Popen[str]] = {}
-        self._done: dict[str, Result] = {}
-
-    def start(self, name: str, *args: str) -> None:
-        self._procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "minisgl.cli", *args, "--no-progress"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def __getitem__(self, name: str) -> Result:
-        if name not in self._done:
-            proc = self._procs[name]
-            out, err = proc.communicate(timeout=TIMEOUT)
-            self._done[name] = Result(proc.returncode, out, err)
-        return self._done[name]
-
-    def close(self) -> None:
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-
-
 @pytest.fixture(scope="module")
-def runs(hub: Hub) -> Iterator[Runs]:
-    r = Runs(hub.env())
+def runs(hub: Hub) -> Iterator[CliRuns]:
+    r = CliRuns(hub.env(), extra_args=("--no-progress",))
     r.start("main", "generate", *PROMPTS, "--model", REPO, *GEN_FLAGS)
     r.start("tag", "generate", *PROMPTS, "--model", REPO, "--revision", "v2", *GEN_FLAGS)
     r.start("commit", "generate", *PROMPTS, "--model", REPO, "--revision", V2, *GEN_FLAGS)
@@ -155,29 +102,29 @@ def answers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: r[k] for k in ("prompt", "text", "token_ids")} for r in records]
 
 
-def test_hub_id_generates_like_its_directory(hub: Hub, runs: Runs) -> None:
+def test_hub_id_generates_like_its_directory(hub: Hub, runs: CliRuns) -> None:
     assert answers(runs["main"].records()) == direct(hub.checkpoints[MAIN])
 
 
-def test_revision_selects_a_snapshot_by_tag_or_commit(hub: Hub, runs: Runs) -> None:
+def test_revision_selects_a_snapshot_by_tag_or_commit(hub: Hub, runs: CliRuns) -> None:
     want = direct(hub.checkpoints[V2])
     assert want != direct(hub.checkpoints[MAIN])  # the two snapshots really differ
     assert answers(runs["tag"].records()) == want
     assert answers(runs["commit"].records()) == want
 
 
-def test_id_absent_from_the_cache_is_a_one_line_error(runs: Runs) -> None:
+def test_id_absent_from_the_cache_is_a_one_line_error(runs: CliRuns) -> None:
     line = runs["absent"].error()
     assert "'minisgl-test/absent'" in line and "revision main" in line
     assert "HF_HUB_OFFLINE" in line and "cache" in line
 
 
-def test_revision_absent_from_the_cache_names_it(runs: Runs) -> None:
+def test_revision_absent_from_the_cache_names_it(runs: CliRuns) -> None:
     line = runs["no-rev"].error()
     assert f"'{REPO}'" in line and "revision no-such-branch" in line
 
 
-def test_snapshot_without_weights_needs_dummy_weights(hub: Hub, runs: Runs) -> None:
+def test_snapshot_without_weights_needs_dummy_weights(hub: Hub, runs: CliRuns) -> None:
     line = runs["no-weights"].error()
     assert f"'{CONFIG_ONLY}'" in line and "safetensors" in line
     records = runs["dummy"].records()

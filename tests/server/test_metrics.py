@@ -3,8 +3,10 @@ against one real server with the demo model; and the Docker scrape configuration
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -16,13 +18,16 @@ import grpc
 import pytest
 import yaml
 from openai import OpenAI
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from minisgl.gateway.metrics import GatewayMetrics
 from tests.helpers.server_util import REPO, Server, Streamer, free_port, run_server, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 PROMPT_SECRET = "zebra quokka marmalade"  # must never reach the log at info level
 GENERATE = "/minisgl.v1.GenerationService/Generate"
+README = (REPO / "README.md").read_text()
 
 
 def scrape(port: int) -> Samples:
@@ -103,7 +108,9 @@ def test_counters_and_histograms_match_the_requests(served: tuple[Server, int]) 
     )
     assert steps == n * new_tokens  # each call: one prefill step, then one step per token
     assert delta(after, before, "minisgl:prefill_step_time_seconds_count") == n
-    assert 0 < value(after, "minisgl:cache_hit_rate") <= 1
+    # The hit rate is the counters' (both count from the end of the warm-up).
+    hits = value(after, "minisgl:cached_tokens_total") / value(after, "minisgl:prompt_tokens_total")
+    assert 0 < value(after, "minisgl:cache_hit_rate") == pytest.approx(hits)
     assert value(after, "minisgl:num_requests_running") == 0
     assert value(after, "minisgl:num_requests_waiting") == 0
     # The frontend's: calls by status, requests by finish reason, client-side latencies.
@@ -116,6 +123,71 @@ def test_counters_and_histograms_match_the_requests(served: tuple[Server, int]) 
     assert delta(after, before, "minisgl:time_to_first_token_seconds_count") == n
     assert delta(after, before, "minisgl:e2e_request_latency_seconds_count") == n
     assert delta(after, before, "minisgl:inter_token_latency_seconds_count") == n * (new_tokens - 1)
+
+
+def test_requests_done_in_their_first_step_count_their_queue_time(
+    served: tuple[Server, int],
+) -> None:
+    """A request admitted and finished in one step (one token) leaves the running batch
+    before the step returns: it is counted from the step's outputs."""
+    server, port = served
+    n = 3
+    before = scrape(port)
+    with server.client() as client:
+        for i in range(n):  # the scheduler records a step before it sends the step's tokens
+            assert len(client.generate([7 + i, 8, 9], max_new_tokens=1).token_ids) == 1
+    after = scrape(port)
+    assert delta(after, before, "minisgl:generation_tokens_total") == n
+    assert delta(after, before, "minisgl:request_queue_time_seconds_count") == n
+    assert delta(after, before, "minisgl:prefill_step_time_seconds_count") == n
+
+
+def test_a_failed_request_has_its_duration_as_e2e_latency(served: tuple[Server, int]) -> None:
+    """A call that ends without a token (here: a token id outside the vocabulary, refused by
+    the tokenizer worker) observes the time it took, not 0."""
+    server, port = served
+    before = scrape(port)
+    with server.client() as client:
+        vocab = client.model_info().vocab_size
+        with pytest.raises(grpc.RpcError) as bad:
+            client.generate([1, vocab + 5], max_new_tokens=2)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(port)
+    e2e = "minisgl:e2e_request_latency_seconds"
+    assert delta(after, before, e2e + "_count") == 1
+    assert 0 < delta(after, before, e2e + "_sum") < 30
+    assert delta(after, before, "minisgl:time_to_first_token_seconds_count") == 0
+    assert delta(after, before, "minisgl:request_success_total", finished_reason="abort") == 1
+
+
+def readme_metrics() -> dict[str, str]:
+    """The README's metrics table: each metric's name (as scraped, without labels) -> type."""
+    rows = re.findall(r"^\| `(minisgl:[\w:]+)(?:\{[\w,]*\})?` \| (\w+) \|", README, re.M)
+    assert rows, "no metrics table in README.md"
+    return dict(rows)
+
+
+def families(text: str) -> dict[str, str]:
+    """The minisgl: metric families of a /metrics text -> type, named as the README names
+    them (a counter with its _total; not the _created timestamps of the frontend's)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("minisgl:") and not family.name.endswith("_created"):
+            found[family.name + ("_total" if family.type == "counter" else "")] = family.type
+    return found
+
+
+def test_every_metric_is_in_the_readme(served: tuple[Server, int]) -> None:
+    server, port = served
+    with server.client() as client:  # labelled metrics appear once they have a value
+        client.generate("hi", max_new_tokens=2)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        scraped = families(resp.read().decode())
+    gateway = GatewayMetrics()
+    gateway.requests.labels("/health", "GET", "200").inc()
+    gateway.latency.labels("/health").observe(0.1)
+    scraped |= families(generate_latest(gateway.registry).decode())
+    assert scraped == readme_metrics()
 
 
 def test_gauges_during_a_stream(served: tuple[Server, int]) -> None:
@@ -227,18 +299,42 @@ def test_gateway_metrics(served: tuple[Server, int], tmp_path: Path) -> None:
             client.completions.create(model="minisgl-demo", prompt="hi", max_tokens=3)
         assert http_status(url + "/v1/nothing-here") == 404
         assert http_status(url + "/v1/completions", data=b"{not json") == 400
-        s = scrape(metrics_port)
+        disconnect_mid_stream(port)
+        requests = "minisgl:gateway_http_requests_total"
+        route = "/v1/completions"
+        gone = {"route": route, "method": "POST", "status": "499"}
+
+        def counted() -> Samples | None:
+            now = scrape(metrics_port)
+            return now if value(now, requests, **gone) else None
+
+        s = wait_until(counted, 30, "the disconnected stream to be counted")
     finally:
         proc.terminate()
         proc.wait(20)
-    requests = "minisgl:gateway_http_requests_total"
-    route = "/v1/completions"
     assert value(s, requests, route=route, method="POST", status="200") == 2
     assert value(s, requests, route=route, method="POST", status="400") == 1
+    assert value(s, requests, **gone) == 1  # the client went away: not a server error (500)
+    assert value(s, requests, route=route, method="POST", status="500") == 0
     assert value(s, requests, route="unmatched", method="GET", status="404") == 1
     assert value(s, requests, route="/health", method="GET", status="200") >= 1
     latency = "minisgl:gateway_http_request_duration_seconds_count"
-    assert value(s, latency, route=route) == 3
+    assert value(s, latency, route=route) == 4
+
+
+def disconnect_mid_stream(port: int) -> None:
+    """Start a long streamed completion on the gateway, read its first event, hang up."""
+    body = json.dumps(
+        {"prompt": "hi", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    ).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
+    finally:
+        conn.close()
 
 
 def test_prometheus_scrapes_both_replicas_metrics_ports() -> None:

@@ -48,6 +48,7 @@ FILE_KEY = "file-key-a4b8c2d6e0f1"
 WRONG_KEY = "wrong-key-77e3b9d1c5a2"
 GATEWAY_KEY = "gateway-key-0f9e8d7c6b5a"
 KEYS = (FLAG_KEY, FILE_KEY, WRONG_KEY, GATEWAY_KEY)
+SERVICE_NAME = "minisgl.default.svc"
 GREEDY: dict[str, Any] = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
@@ -57,7 +58,8 @@ GREEDY: dict[str, Any] = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos":
 @dataclass(frozen=True)
 class Pki:
     """PEM files: a CA, a server certificate for 127.0.0.1 / localhost and a client
-    certificate signed by it, and a client certificate from another CA."""
+    certificate signed by it, a client certificate from another CA, and a server certificate
+    whose only name is SERVICE_NAME (as a Kubernetes Service's certificate would be)."""
 
     ca: Path
     server_cert: Path
@@ -66,6 +68,8 @@ class Pki:
     client_key: Path
     rogue_cert: Path
     rogue_key: Path
+    service_cert: Path
+    service_key: Path
 
 
 def _name(cn: str) -> x509.Name:
@@ -77,6 +81,8 @@ def _issue(
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
     ca: bool = False,
     server: bool = False,
+    dns_name: str = "localhost",
+    loopback: bool = True,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     issuer_name, issuer_key = issuer or (_name(subject), key)
@@ -108,10 +114,9 @@ def _issue(
         oid = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([oid]), critical=False)
     if server:
-        names: list[x509.GeneralName] = [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]
+        names: list[x509.GeneralName] = [x509.DNSName(dns_name)]
+        if loopback:
+            names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(issuer_key, hashes.SHA256()), key
 
@@ -131,9 +136,9 @@ def _write(
     return cert_path, key_path
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
+def make_pki(d: Path) -> Pki:
+    """A CA and its certificates, written into directory `d` (also used by
+    test_health_check.py)."""
     ca_cert, ca_key = _issue("minisgl test CA", None, ca=True)
     issuer = (ca_cert.subject, ca_key)
     ca, _ = _write(d, "ca", ca_cert, ca_key)
@@ -142,7 +147,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     rogue_ca = _issue("another CA", None, ca=True)
     rogue = _issue("rogue client", (rogue_ca[0].subject, rogue_ca[1]))
     rogue_cert, rogue_key = _write(d, "rogue", *rogue)
-    return Pki(ca, server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key)
+    service = _issue(SERVICE_NAME, issuer, server=True, dns_name=SERVICE_NAME, loopback=False)
+    service_cert, service_key = _write(d, "service", *service)
+    return Pki(
+        ca,
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+        rogue_cert,
+        rogue_key,
+        service_cert,
+        service_key,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # ----- the server: mTLS and two keys (one from --api-key, one from --api-key-file) ----------
@@ -263,6 +285,26 @@ def test_a_plaintext_client_to_the_tls_port_fails_cleanly(server: Server) -> Non
         assert _code(c.serving) == grpc.StatusCode.UNAVAILABLE
         assert _code(c.model_info) == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - start < 10.0  # refused, not left to run into the deadline
+
+
+def test_the_health_command_over_mtls_needs_no_key(server: Server, pki: Pki) -> None:
+    """`minisgl health` (the image's HEALTHCHECK, Kubernetes' exec probe) against this server:
+    SERVING with the client certificate and no key; 1 at once without a usable certificate."""
+    from tests.server.test_health_check import probe, refused  # it imports this module
+
+    target = ("--target", server.target, "--tls-ca", str(pki.ca))
+    client = ("--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key))
+    ok = probe(*target, *client, "--service", "minisgl.v1.GenerationService")
+    assert (ok.code, ok.out, ok.err) == (0, "SERVING\n", ""), ok
+    runs = {
+        "plaintext": probe("--target", server.target),
+        "no client certificate": probe(*target),
+        "another CA's certificate": probe(
+            *target, "--tls-cert", str(pki.rogue_cert), "--tls-key", str(pki.rogue_key)
+        ),
+    }
+    for why, run in runs.items():
+        assert refused(run, "UNAVAILABLE"), (why, run)
 
 
 # ----- grpcurl and the Node client -----------------------------------------------------------

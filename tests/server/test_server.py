@@ -103,7 +103,8 @@ def test_second_identical_prompt_reports_cached_tokens(client: Client) -> None:
     info, usage = third[0].prompt_info, third[-1].usage
     assert info is not None and usage is not None
     assert info.cached_tokens == usage.cached_tokens == second.cached_tokens
-    assert client.load().cache_hit_rate > 0
+    # GetLoad answers from the scheduler's Load message, refreshed every 20 ms.
+    wait_until(lambda: client.load().cache_hit_rate > 0, 5, "a cache hit rate in GetLoad")
 
 
 def test_logprobs_and_stop_token_ids(client: Client) -> None:

@@ -89,12 +89,24 @@ def test_sampling_options_per_row_and_the_flags_that_skip_work() -> None:
     assert plan.use_top_k and plan.use_top_p and not plan.use_min_p
     assert plan.want_logprobs and plan.top_logprobs == 3
     assert plan.penalties is None and plan.banned_ids is None
+    assert plan.max_top_k == VOCAB  # a top-p row without top-k may cut anywhere
+
+
+def test_the_gpu_sampler_takes_as_many_candidates_as_the_largest_top_k() -> None:
+    rows = [
+        _req("g", [1], temperature=0.0, top_k=500),  # greedy: takes the argmax, needs none
+        _req("a", [2], temperature=0.7, top_k=20),
+        _req("b", [3], temperature=0.7, top_k=50, top_p=0.9),
+        _req("c", [4], temperature=0.7),  # no cut
+    ]
+    assert build_sampling_plan(rows, VOCAB).max_top_k == 50
 
 
 def test_an_all_greedy_batch_needs_no_filter() -> None:
     plan = build_sampling_plan([_req("a", [1], temperature=0.0, top_k=3, top_p=0.5)], VOCAB)
     assert plan.all_greedy
     assert not (plan.use_top_k or plan.use_top_p or plan.use_min_p or plan.want_logprobs)
+    assert plan.max_top_k == 0
 
 
 def test_penalty_lists_cover_every_row_once_one_row_has_a_penalty() -> None:

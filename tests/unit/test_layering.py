@@ -18,6 +18,7 @@ def _imported_after(statement: str, modules: tuple[str, ...]) -> list[str]:
 def test_frontend_process_modules_do_not_import_torch() -> None:
     statement = (
         "import minisgl, minisgl.cli, minisgl.server.launcher, minisgl.server.frontend; "
+        "import minisgl.server.sglang_service, minisgl.server.health_check; "
         "import minisgl.gateway.app; minisgl.gateway.app.build_app('127.0.0.1:1'); "
         "minisgl.cli.build_parser()"
     )

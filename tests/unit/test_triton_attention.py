@@ -10,6 +10,7 @@ several KV tiles, several query blocks and several KV splits, with empty splits 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -210,3 +211,136 @@ def test_mixed_step_runs_its_leading_decodes_in_the_decode_kernel(
     )
     check(case, num_splits=2)
     assert calls == [("decode_attention", 3), ("extend_attention", 28)]
+
+
+# FP8 caches: the interpreter loads float8_e4m3fn (the kernels convert each tile to q's dtype).
+# k_scale below 1 and v_scale above it, so a scale applied twice, not at all or swapped shows.
+FP8_SCALES = (0.25, 2.0)
+
+
+def fp8_case(case: AttnCase, k_scale: float, v_scale: float) -> tuple[AttnCase, AttnCase]:
+    """(the case over FP8 caches, its float32 reference case): the reference holds the
+    dequantised caches and new K/V rounded through FP8 as the store will round them."""
+    from minisgl.attention.base import dequantize_fp8, quantize_fp8
+
+    b = case.batch
+    k8, v8 = quantize_fp8(b.k_caches[0], k_scale), quantize_fp8(b.v_caches[0], v_scale)
+    fp8 = AttnCase(dataclasses.replace(b, k_caches=[k8], v_caches=[v8]), case.q, case.k, case.v)
+    ref_caches = dict(
+        k_caches=[dequantize_fp8(k8, k_scale, torch.float32)],
+        v_caches=[dequantize_fp8(v8, v_scale, torch.float32)],
+    )
+    ref = AttnCase(
+        dataclasses.replace(b, **ref_caches),  # type: ignore[arg-type]
+        case.q.float(),
+        dequantize_fp8(quantize_fp8(case.k, k_scale), k_scale, torch.float32),
+        dequantize_fp8(quantize_fp8(case.v, v_scale), v_scale, torch.float32),
+    )
+    return fp8, ref
+
+
+def check_fp8(case: AttnCase, num_splits: int | None = None) -> None:
+    from minisgl.attention.base import KVQuant
+
+    k_scale, v_scale = FP8_SCALES
+    fp8, ref = fp8_case(case, k_scale, v_scale)
+    expected = reference(ref)
+    backend = poisoned_backend(case.q.shape[-1] ** -0.5, num_splits)
+    backend.use_kv_quant(KVQuant(case.q.dtype, (k_scale,), (v_scale,)))  # type: ignore[attr-defined]
+    out = run_backend(backend, fp8)  # type: ignore[arg-type]
+    assert out.shape == case.q.shape and out.dtype == case.q.dtype
+    assert torch.isfinite(out).all(), "NaN/inf in output: unwritten element or a poisoned slot read"
+    tol = TOLERANCE[case.q.dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    b = fp8.batch
+    assert b.k_caches[0].dtype == torch.float8_e4m3fn
+    # The stored new K/V are the reference's, quantised with the layer's scales.
+    assert torch.equal(b.k_caches[0][b.out_slots].float() * k_scale, ref.k)
+    assert torch.equal(b.v_caches[0][b.out_slots].float() * v_scale, ref.v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "seq_lens,page_size,hq,hkv,head_dim,splits", [DECODE_CASES[0], DECODE_CASES[2]]
+)
+def test_decode_fp8_cache(
+    seq_lens: list[int],
+    page_size: int,
+    hq: int,
+    hkv: int,
+    head_dim: int,
+    splits: int | None,
+    dtype: torch.dtype,
+) -> None:
+    case = make_case(
+        seq_lens,
+        [1] * len(seq_lens),
+        page_size=page_size,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+        seed=4,
+    )
+    check_fp8(case, splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "seq_lens,extend_lens,page_size,hq,hkv,head_dim", [EXTEND_CASES[0], EXTEND_CASES[3]]
+)
+def test_extend_fp8_cache(
+    seq_lens: list[int],
+    extend_lens: list[int],
+    page_size: int,
+    hq: int,
+    hkv: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> None:
+    """Prefill chunks after cached prefixes, and a mixed step (decode kernel, then extend)."""
+    case = make_case(
+        seq_lens,
+        extend_lens,
+        page_size=page_size,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+        seed=5,
+    )
+    check_fp8(case, num_splits=2)
+
+
+def test_store_kv_fp8_kernel(interpreted_kernels: ModuleType) -> None:
+    """The CUDA store kernel's indexing, strides, scales and saturation, in the interpreter.
+
+    The interpreter's float-to-FP8 rounding is wrong just below powers of two (the kernel
+    module's docstring), so the inputs are FP8 values times the scale (a power of two: exact)
+    plus values far beyond the range; tests/gpu/test_fp8_kv_gpu.py checks rounding on random
+    values against torch."""
+    gen = torch.Generator().manual_seed(6)
+    tokens, heads, dim, k_scale, v_scale = 5, 3, 24, 0.25, 4.0
+    byte_values = torch.randint(0, 256, (tokens, 3 * heads, dim), generator=gen, dtype=torch.uint8)
+    exact = byte_values.view(torch.float8_e4m3fn).float()
+    exact = torch.where(torch.isnan(exact), 1.0, exact)  # NaN bytes: a plain value instead
+    big = torch.tensor([1e6, -1e6, 449.0 * 8, -449.0 * 8])  # saturate
+    exact[0, heads, :4] = exact[1, 2 * heads, :4] = big
+    qkv = exact.clone()  # a fused projection's output: k and v are strided views of it
+    qkv[:, heads : 2 * heads] *= k_scale
+    qkv[:, 2 * heads :] *= v_scale
+    k, v = qkv[:, heads : 2 * heads], qkv[:, 2 * heads :]
+    assert not k.is_contiguous()
+    k_cache = torch.zeros(16, heads, dim, dtype=torch.float8_e4m3fn)
+    v_cache = torch.zeros(16, heads, dim, dtype=torch.float8_e4m3fn)
+    slots = torch.tensor([9, 2, 15, 0, 4])
+    interpreted_kernels.store_kv_fp8(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    from minisgl.attention.base import quantize_fp8
+
+    want_k, want_v = quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
+    assert want_k[0, 0, :4].float().tolist() == [448.0, -448.0, 448.0, -448.0]
+    assert torch.equal(k_cache[slots].view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(v_cache[slots].view(torch.uint8), want_v.view(torch.uint8))
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots] = False
+    assert (k_cache[untouched].float() == 0).all() and (v_cache[untouched].float() == 0).all()

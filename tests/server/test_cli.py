@@ -66,6 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRuns]:
     port = str(free_port())  # nothing listens there; the runs below refuse before listening
     r.start("serve-no-weights", "serve", "--model", str(no_weights), "--port", port)
     r.start("serve-bad-port", "serve", "--port", "99999")
+    r.start("serve-metrics-on-grpc-port", "serve", "--port", port, "--metrics-port", port)
     r.start("gateway-bad-port", "gateway", "--port", "99999")
     r.start("serve-bad-host", "serve", "--host", NOT_OURS, "--port", port)
     r.start("serve-cuda", "serve", "--device", "cuda", "--port", port)
@@ -220,6 +221,7 @@ TRITON_ON_CPU = "--attention-backend triton needs a CUDA device, and the engine 
     [
         ("serve-no-weights", "no *.safetensors files found"),
         ("serve-bad-port", "--port: must be in 1..65535, not 99999"),
+        ("serve-metrics-on-grpc-port", "is the gRPC --port too"),
         ("gateway-bad-port", "--port: must be in 1..65535, not 99999"),
         ("serve-bad-host", f"--host {NOT_OURS}: not an address of this machine"),
         ("serve-cuda", "--device cuda: CUDA is not available here"),

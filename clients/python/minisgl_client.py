@@ -10,8 +10,9 @@
 Options are keyword arguments named like the proto fields: sampling (temperature, top_p,
 top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed), stopping
 (max_new_tokens, min_new_tokens, stop, stop_token_ids, ignore_eos,
-include_stop_str_in_output) and output (logprobs, top_logprobs, skip_special_tokens).
-Errors are grpc.RpcError (code() and details() say what went wrong).
+include_stop_str_in_output), output (logprobs, top_logprobs, skip_special_tokens) and at most
+one constraint (json_schema: the schema as JSON text, json_object=True, regex, grammar: EBNF,
+choice: a list of strings). Errors are grpc.RpcError (code() and details() say what went wrong).
 
 TLS and API keys (a server started with --tls-cert, --tls-client-ca, --api-key):
 
@@ -47,6 +48,7 @@ Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 SAMPLING_OPTIONS = frozenset(common_pb2.SamplingOptions.DESCRIPTOR.fields_by_name)
 STOPPING_OPTIONS = frozenset(common_pb2.StoppingOptions.DESCRIPTOR.fields_by_name)
 OUTPUT_OPTIONS = frozenset(common_pb2.OutputOptions.DESCRIPTOR.fields_by_name)
+CONSTRAINT_OPTIONS = frozenset(common_pb2.Constraint.DESCRIPTOR.fields_by_name)
 
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -113,6 +115,11 @@ def _fill(req: _Req, prompt: Prompt, request_id: str | None, options: dict[str, 
             group = req.stopping
         elif name in OUTPUT_OPTIONS:
             group = req.output
+        elif name == "choice":
+            req.constraint.choice.choices.extend(value)
+            continue
+        elif name in CONSTRAINT_OPTIONS:
+            group = req.constraint
         else:
             raise TypeError(f"unknown generation option: {name}")
         if isinstance(value, (list, tuple)):

@@ -37,6 +37,14 @@ class KVQuant:
                 raise ValueError(f"kv scales: {name} must be finite and > 0, got {bad[0]}")
 
 
+def fp8_unsupported(backend: str) -> ValueError:
+    """The error for an FP8 KV cache with a backend that cannot read one."""
+    return ValueError(
+        f"--kv-cache-dtype fp8_e4m3 is not supported by the {backend} attention backend; use "
+        "--attention-backend triton or torch, or --kv-cache-dtype auto"
+    )
+
+
 def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
     """x / scale rounded to float8_e4m3fn, saturating at +-FP8_MAX (NaN stays NaN)."""
     y = x.float() / scale if scale != 1.0 else x
@@ -93,10 +101,7 @@ class AttentionBackend(ABC):
     def use_kv_quant(self, quant: KVQuant | None) -> None:
         """Read (and write) the KV cache as FP8 with `quant`'s scales; None: the model's dtype."""
         if quant is not None and not self.supports_fp8_kv:
-            raise ValueError(
-                f"--kv-cache-dtype fp8_e4m3 is not supported by the {self.name} attention "
-                "backend; use --attention-backend triton or torch, or --kv-cache-dtype auto"
-            )
+            raise fp8_unsupported(self.name)
         self.kv_quant = quant
 
     def scales(self, layer: int) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import re
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minisgl.attention.base import AttentionBackend
+from minisgl.attention.base import AttentionBackend, fp8_unsupported
 from minisgl.attention.batch import ForwardBatch
 from minisgl.attention.registry import create_backend, resolve_backend
 from minisgl.config import EngineConfig
@@ -123,12 +123,8 @@ class ModelRunner:
         self.kv_scales: tuple[list[float], list[float]] | None = None
         kv_desc = str(self.dtype).removeprefix("torch.")
         if cfg.kv_cache_dtype != "auto":
-            if not self.attn.supports_fp8_kv:
-                raise ValueError(
-                    f"--kv-cache-dtype {cfg.kv_cache_dtype} is not supported by the "
-                    f"{self.attn.name} attention backend; use --attention-backend triton or "
-                    "torch, or --kv-cache-dtype auto"
-                )
+            if not self.attn.supports_fp8_kv:  # before the weights load
+                raise fp8_unsupported(self.attn.name)
             if self.attn.name == "triton" and self.device.type == "cuda":
                 cc = torch.cuda.get_device_capability(self.device)
                 if cc < (8, 9):

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from minisgl.attention.base import fp8_unsupported
 from minisgl.attention.registry import create_backend, resolve_backend
 from minisgl.config import EngineConfig
 from minisgl.engine.model_runner import resolve_device
@@ -39,10 +40,7 @@ def check_device_and_backend(cfg: EngineConfig) -> None:
             ) from None
     else:
         if cfg.kv_cache_dtype != "auto":  # flashinfer / fa3 read only a cache of q's dtype
-            raise ValueError(
-                f"--kv-cache-dtype {cfg.kv_cache_dtype} is not supported by {flag}; "
-                "use --attention-backend triton or torch"
-            )
+            raise fp8_unsupported(backend)
         create_backend(backend, 1.0)  # a clear ValueError when the library is missing
     if backend != "torch" and device.type != "cuda":
         if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":

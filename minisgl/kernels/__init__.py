@@ -89,18 +89,6 @@ def fused_moe(
     return moe.fused_moe(x, router_logits, gate_up, down, top_k, renormalize)
 
 
-def fused_sample_rows(
-    logits: torch.Tensor, temperature: torch.Tensor, row_hash: torch.Tensor
-) -> torch.Tensor | None:
-    """One token per row of logits [B, V] (greedy, or Gumbel-max with the sampler's noise);
-    None off the GPU path. The caller keeps rows with top-k / top-p / min-p for torch."""
-    if not _on_gpu(logits):
-        return None
-    from minisgl.kernels import sampling
-
-    return sampling.sample_rows(logits, temperature, row_hash)
-
-
 def fused_sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,

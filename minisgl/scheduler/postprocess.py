@@ -8,6 +8,7 @@ from typing import Any
 
 from minisgl.engine.step import LaunchedStep
 from minisgl.ipc.messages import TokenOut
+from minisgl.sampling_params import FinishReason
 from minisgl.scheduler.request import Req
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,10 @@ def complete(launched: Launched, max_model_len: int) -> Completed:
         top = _top(req, i, top_ids, top_lps)
         if top is not None:
             req.top_logprobs.append(top)
-        if req.matcher is not None and _constraint_ended(req, token):
-            pass  # finish_reason set
+        constraint = _advance_constraint(req, token) if req.matcher is not None else None
+        if constraint is not None:
+            req.finish_reason = constraint
+            req.matched_stop = token if constraint == "stop" and token in req.stop_ids else None
         elif token in req.stop_ids and idx + 1 >= req.params.min_new_tokens:
             req.finish_reason, req.matched_stop = "stop", token
         elif idx + 1 >= req.max_new_tokens or req.resolved_len >= max_model_len:
@@ -76,19 +79,15 @@ def complete(launched: Launched, max_model_len: int) -> Completed:
     return Completed(ids, outputs, finished)
 
 
-def _constraint_ended(req: Req, token: int) -> bool:
-    """Feed `token` to the request's matcher; True when that finished the request: "stop"
-    once the constraint is satisfied and allows no more tokens, "abort" (logged) if the token
-    broke the constraint, which the bitmask rules out."""
+def _advance_constraint(req: Req, token: int) -> FinishReason | None:
+    """Feed `token` to the request's matcher: "stop" once the constraint is satisfied and
+    allows no more tokens, "abort" (logged) if the token broke it (which the bitmask rules
+    out), None while it goes on."""
+    assert req.matcher is not None
     if not req.matcher.accept_token(token):
         log.error("request %s: token %d breaks its constraint; aborting it", req.rid, token)
-        req.finish_reason = "abort"
-        return True
-    if req.matcher.is_terminated():
-        req.finish_reason = "stop"
-        req.matched_stop = token if token in req.stop_ids else None
-        return True
-    return False
+        return "abort"
+    return "stop" if req.matcher.is_terminated() else None
 
 
 def _top(

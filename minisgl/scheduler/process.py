@@ -44,11 +44,13 @@ LOAD_INTERVAL_S = 0.02
 
 
 def warm_up(sched: Scheduler) -> None:
-    """One short generation so kernels are compiled before the first request; leaves no trace."""
+    """One short generation so kernels are compiled before the first request; leaves no trace
+    (in the cache or the counters)."""
     sched.add_request("warmup", [1] * 8, SamplingParams(temperature=0.0, max_new_tokens=4))
     while sched.has_work():
         sched.step()
     sched.release_all_cache()
+    sched.reset_counters()
     sched.check_invariants()
 
 

@@ -249,6 +249,11 @@ class Scheduler:
             retractions=self.planner.retractions,
         )
 
+    def reset_counters(self) -> None:
+        """Zero the cumulative counters of `stats()` (after a warm-up, which is no request)."""
+        self.planner.prompt_tokens = self.planner.cached_tokens = self.planner.retractions = 0
+        self._computed_tokens = 0
+
     def check_invariants(self) -> None:
         """Raise AssertionError if pages, rows, locks or the prefix cache are inconsistent."""
         self.kv.check(self.running, self.waiting)

@@ -9,15 +9,14 @@ import time
 
 from minisgl.ipc.messages import TokenOut
 from minisgl.metrics import EngineMetrics
-from minisgl.scheduler.scheduler import Scheduler, SchedulerStats
+from minisgl.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 
 class Telemetry:
     """Feeds `metrics` (None: metrics off) and logs throughput every `log_interval_s` seconds
-    of activity (0: never). Counters and the cache hit rate count from its creation, after the
-    warm-up (whose prompt would otherwise weigh on the hit rate)."""
+    of activity (0: never). Counters count from its creation, after the warm-up."""
 
     def __init__(
         self, sched: Scheduler, metrics: EngineMetrics | None, log_interval_s: float
@@ -25,7 +24,7 @@ class Telemetry:
         self.sched = sched
         self.metrics = metrics
         self.log_interval_s = log_interval_s
-        self._start = self._last = sched.stats()  # _last: what the counters have been given
+        self._last = sched.stats()  # what the counters have been given so far
         self._queued: dict[str, float] = {}  # rid -> when it reached the scheduler
         self._computed = self._last.computed_tokens  # the scheduler's count after the last call
         self._prev_computed = 0  # tokens computed by the step launched by the previous call
@@ -77,11 +76,6 @@ class Telemetry:
                 if queued is not None:
                     m.queue_time.observe(max(0.0, admitted - queued))
 
-    def hit_rate(self, s: SchedulerStats) -> float:
-        """Prompt tokens served from the radix cache / prompt tokens, since the warm-up."""
-        prompt = s.prompt_tokens - self._start.prompt_tokens
-        return (s.cached_tokens - self._start.cached_tokens) / prompt if prompt else 0.0
-
     def update(self) -> None:
         """Refresh the gauges and counters from the scheduler's; log throughput when due."""
         s = self.sched.stats()
@@ -91,7 +85,7 @@ class Telemetry:
             m.running.set(s.running)
             m.waiting.set(s.waiting)
             m.kv_usage.set(s.pool_usage)
-            m.hit_rate.set(self.hit_rate(s))
+            m.hit_rate.set(s.cache_hit_rate)
             m.prompt_tokens.inc(s.prompt_tokens - last.prompt_tokens)
             m.cached_tokens.inc(s.cached_tokens - last.cached_tokens)
             m.retractions.inc(s.retractions - last.retractions)
@@ -113,7 +107,7 @@ class Telemetry:
             s.running,
             s.waiting,
             100 * s.pool_usage,
-            100 * self.hit_rate(s),
+            100 * s.cache_hit_rate,
             extra={
                 "fields": {
                     "prompt_tokens_per_s": round(prompt / elapsed, 3),
@@ -121,7 +115,7 @@ class Telemetry:
                     "running": s.running,
                     "waiting": s.waiting,
                     "kv_usage": round(s.pool_usage, 6),
-                    "cache_hit_rate": round(self.hit_rate(s), 6),
+                    "cache_hit_rate": round(s.cache_hit_rate, 6),
                 }
             },
         )

@@ -229,7 +229,7 @@ TRITON_ON_CPU = "--attention-backend triton needs a CUDA device, and the engine 
         ("serve-no-triton", TRITON_MISSING),
         (
             "serve-fp8-flashinfer",
-            "--kv-cache-dtype fp8_e4m3 is not supported by --attention-backend flashinfer",
+            "--kv-cache-dtype fp8_e4m3 is not supported by the flashinfer attention backend",
         ),
         (
             "serve-triton",

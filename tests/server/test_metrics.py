@@ -111,6 +111,10 @@ def test_counters_and_histograms_match_the_requests(served: tuple[Server, int]) 
     # The hit rate is the counters' (both count from the end of the warm-up).
     hits = value(after, "minisgl:cached_tokens_total") / value(after, "minisgl:prompt_tokens_total")
     assert 0 < value(after, "minisgl:cache_hit_rate") == pytest.approx(hits)
+    with server.client() as client:  # GetLoad's rate too (its Load is refreshed every 20 ms)
+        wait_until(
+            lambda: client.load().cache_hit_rate == pytest.approx(hits), 5, "GetLoad's hit rate"
+        )
     assert value(after, "minisgl:num_requests_running") == 0
     assert value(after, "minisgl:num_requests_waiting") == 0
     # The frontend's: calls by status, requests by finish reason, client-side latencies.

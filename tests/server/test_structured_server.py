@@ -18,6 +18,8 @@ from minisgl.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.helpers.gateway_util import run_gateway
 from tests.helpers.server_util import Server, run_server, wait_idle
 
+from minisgl_client import Client  # isort: skip
+
 pytestmark = pytest.mark.slow
 
 SCHEMA = {
@@ -59,6 +61,19 @@ def _request(constraint: common_pb2.Constraint, seed: int, **kw: Any) -> dict[st
         "constraint": constraint,
         **kw,
     }
+
+
+def test_the_python_client_takes_constraints_as_options(server: Server) -> None:
+    with Client(server.target, timeout=60) as c:
+        out = c.generate("Pick:", temperature=0.8, seed=3, choice=["north", "south"])
+        assert out.text in ("north", "south") and out.finish_reason == "stop"
+        out = c.generate("Digits:", temperature=0.8, seed=4, regex="[0-9]{3}", max_new_tokens=16)
+        assert re.fullmatch("[0-9]{3}", out.text), out.text
+        deltas = list(c.stream("JSON:", seed=5, json_object=True, max_new_tokens=120))
+        text = "".join(d.text for d in deltas)
+        assert deltas[-1].finish_reason in ("stop", "length")  # length: possibly incomplete
+        if deltas[-1].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict), text
 
 
 def test_grpc_constraints_unary_and_streamed(

@@ -283,20 +283,16 @@ def test_cuts_past_the_candidates_are_searched(k: ModuleType, filters: dict[str,
 def test_the_typed_ops_run_the_kernels_only_on_the_gpu_path(
     k: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """minisgl.kernels.fused_sample(_rows): None for a CPU tensor (the sampler's torch path),
+    """minisgl.kernels.fused_sample: None for a CPU tensor (the sampler's torch path),
     the kernels' tokens when the gate to the GPU path is open (forced here: the interpreter)."""
     import minisgl.kernels as ops
 
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(4))
     temp = torch.tensor([0.0, 0.5, 1.0, 0.0, 2.0, 0.7])
     seeds, steps = torch.arange(6), torch.zeros(6, dtype=torch.int64)
-    hashes = row_hash(seeds, steps)
     top_k = torch.full((6,), 5)
-    assert ops.fused_sample_rows(logits, temp, hashes) is None
     assert ops.fused_sample(logits, temp, seeds, steps) is None
     monkeypatch.setattr(ops, "_on_gpu", lambda t: True)
-    got = ops.fused_sample_rows(logits, temp, hashes)
-    assert got is not None and torch.equal(got, k.sample_rows(logits, temp, hashes))
     got = ops.fused_sample(logits, temp, seeds, steps)
     assert got is not None and torch.equal(got, k.sample(logits, temp, seeds, steps))
     got = ops.fused_sample(logits, temp, seeds, steps, top_k=top_k, max_top_k=5)

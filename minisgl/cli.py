@@ -152,6 +152,8 @@ def _reply_as_ids(llm: LLM, messages: list[dict[str, str]], params: SamplingPara
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from minisgl.llm import LLM
 
     check_engine(args)
@@ -159,10 +161,44 @@ def _chat(args: argparse.Namespace) -> int:
     if llm.tokenizer is None:
         print(f"{llm.model_name} has no tokenizer: nothing to chat with", file=sys.stderr)
         return 2
-    params = sampling_params(args)
+    free = sampling_params(args)
+    params = replace(free, json_object=True) if args.json else free
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    print(f"Chatting with {llm.model_name}. /reset starts over, /exit (or Ctrl-D) quits.")
+    commands = (
+        "/reset starts over, /json constrains the replies to a JSON object (/json FILE: to the "
+        "JSON schema in FILE, /json off: free text again), /help lists these, /exit (or "
+        "Ctrl-D) quits."
+    )
+
+    def constrained(arg: str) -> SamplingParams | None:
+        """The params of `/json ARG`; None (the error printed) for a bad schema file."""
+        if arg == "off":
+            return free
+        if not arg:
+            return replace(free, json_object=True)
+        try:
+            with open(os.path.expanduser(arg), encoding="utf-8") as f:
+                text = f.read()
+            json.loads(text)
+        except OSError as e:
+            print(f"error: /json: cannot read {arg}: {e.strerror or e}", file=sys.stderr)
+            return None
+        except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError alike
+            print(f"error: /json: {arg} is not valid JSON: {e}", file=sys.stderr)
+            return None
+        schema = replace(free, json_schema=text)
+        try:  # the schema's shape, then whether it compiles (cached for the replies)
+            schema.validate(llm.vocab_size)
+            llm.scheduler.grammars.compile(schema)
+        except ValueError as e:
+            print(f"error: /json: {arg}: {e}", file=sys.stderr)
+            return None
+        return schema
+
+    print(f"Chatting with {llm.model_name}. {commands}")
+    if args.json:
+        print("(replies are JSON objects)")
     if llm.text_unavailable is not None:
         print(
             f"Text is unavailable: {llm.text_unavailable}. Replies are shown as token ids, and "
@@ -181,6 +217,24 @@ def _chat(args: argparse.Namespace) -> int:
             messages = list(system)
             print("(conversation cleared)")
             continue
+        if line == "/help":
+            print(commands)
+            continue
+        if line == "/json" or line.startswith("/json "):
+            arg = line.removeprefix("/json").strip()
+            chosen = constrained(arg)
+            if chosen is None:
+                continue  # the error is printed; the replies stay as they were
+            params = chosen
+            if params is free:
+                print("(free text)")
+            else:
+                print(
+                    f"(replies follow the JSON schema in {arg})"
+                    if arg
+                    else "(replies are JSON objects)"
+                )
+            continue
         if not line:
             continue
         if llm.text_unavailable is not None:
@@ -198,6 +252,14 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         except KeyboardInterrupt:
             print("\n(interrupted)", end="")
+        else:
+            if params.constraint is not None:
+                try:
+                    json.loads("".join(reply))
+                except ValueError:  # a constrained reply ends complete unless the limit cut it
+                    print(
+                        f"\n(cut at --max-new-tokens {params.max_new_tokens}: incomplete)", end=""
+                    )
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
 
@@ -383,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
         "chat", parents=[common], help="chat with the model in the terminal (offline engine)"
     )
     chat.add_argument("--system", default=None, help="system prompt (default: none)")
+    chat.add_argument(
+        "--json", action="store_true", help="start with the replies constrained to a JSON object"
+    )
     add_sampling_args(
         chat,
         max_new_tokens=256,

@@ -90,6 +90,11 @@ class EngineConfig:
     disable_cuda_graph: bool = option(
         False, "run decode steps eagerly instead of replaying CUDA graphs (GPU only)"
     )
+    disable_fused_kernels: bool = option(
+        False,
+        "run the torch versions of the fused Triton kernels (RMSNorm, rotary with the K/V "
+        "store, SiLU-and-mul, MoE, sampling) on the GPU, e.g. to measure what they save",
+    )
     cuda_graph_max_bs: int = option(
         256, "largest decode batch put in a CUDA graph (capped by max-running-requests)"
     )

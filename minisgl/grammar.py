@@ -204,16 +204,19 @@ def fill_bitmask(
     matchers: Sequence[xgrammar.GrammarMatcher | None],
     vocab_size: int,
     batch: xgrammar.BatchGrammarMatcher | None = None,
+    pin: bool = False,
 ) -> torch.Tensor | None:
     """[rows, bitmask_words] int32 host bitmask: each matcher's allowed next tokens in its row,
     every token allowed in rows without one; None when no row has a matcher. With `batch`,
-    several rows are filled by its threads at once."""
+    several rows are filled by its threads at once. `pin`: in pinned memory (CUDA only), so
+    that it goes to the GPU without another host copy."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return None
     import torch
 
-    bitmask = torch.full((len(matchers), bitmask_words(vocab_size)), -1, dtype=torch.int32)
+    shape = (len(matchers), bitmask_words(vocab_size))
+    bitmask = torch.full(shape, -1, dtype=torch.int32, pin_memory=pin)
     present = [m for m in matchers if m is not None]
     if batch is not None and len(rows) > 1:
         batch.batch_fill_next_token_bitmask(present, bitmask, indices=rows)

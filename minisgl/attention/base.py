@@ -92,11 +92,19 @@ class AttentionBackend(ABC):
     def prepare_replay(self, padded: ForwardBatch, batch: ForwardBatch) -> None:  # noqa: B027
         """Before replaying the graph captured for `padded` to run `batch` (default: nothing)."""
 
-    @abstractmethod
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
+        """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> output [T, Hq, D]: stores
+        the new K/V (`store_kv`), then `attend`."""
+        self.store_kv(k, v, layer, batch)
+        return self.attend(q, layer, batch)
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        """q: [T, Hq, D] for the new tokens, whose K/V are already in the layer's cache (by
+        `store_kv`, or by the fused input kernel that writes them as store_kv would) ->
+        output [T, Hq, D]."""
 
     def use_kv_quant(self, quant: KVQuant | None) -> None:
         """Read (and write) the KV cache as FP8 with `quant`'s scales; None: the model's dtype."""

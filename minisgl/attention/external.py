@@ -110,10 +110,8 @@ class FlashInferAttention(AttentionBackend):
             )  # fmt: skip
         self._planned = True
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
-    ) -> torch.Tensor:
-        k_cache, v_cache = self.store_kv(k, v, layer, batch)
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
         if not self._planned:
             self._plan(q, batch)
         kv = (_paged(k_cache, batch.page_size), _paged(v_cache, batch.page_size))
@@ -143,10 +141,8 @@ class FlashAttention3(AttentionBackend):
         self._cu_q = self._h2d(cu_q, torch.int32, batch.page_table.device)
         self._max_q = max(batch.extend_lens_cpu)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
-    ) -> torch.Tensor:
-        k_cache, v_cache = self.store_kv(k, v, layer, batch)
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
         out: torch.Tensor = self._attn(
             q,
             _paged(k_cache, batch.page_size),

@@ -47,10 +47,8 @@ class TorchAttention(AttentionBackend):
         req = torch.repeat_interleave(torch.arange(batch.batch_size, device=device), ext)
         self._q_index = req * max_ext + (tok - starts.long()[req])
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
-    ) -> torch.Tensor:
-        k_cache, v_cache = self.store_kv(k, v, layer, batch)
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
         bsz, max_ext = self._mask.shape[0], self._mask.shape[2]
         num_heads, head_dim = q.shape[1], q.shape[2]
         q_pad = q.new_zeros(bsz * max_ext, num_heads, head_dim)

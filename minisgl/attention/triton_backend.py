@@ -99,10 +99,8 @@ class TritonAttention(AttentionBackend):
         """Uninitialised output / scratch buffers (tests override this to poison them)."""
         return torch.empty(shape, dtype=dtype, device=device)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
-    ) -> torch.Tensor:
-        k_cache, v_cache = self.store_kv(k, v, layer, batch)
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        k_cache, v_cache = batch.k_caches[layer], batch.v_caches[layer]
         k_scale, v_scale = self.scales(layer)
         out = self._empty(q.shape, q.dtype, q.device)
         d = self._num_decode

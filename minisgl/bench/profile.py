@@ -81,9 +81,17 @@ def main() -> None:
         for _ in range(5):
             llm.step()
         torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.profiler.DeviceType.CUDA]
+    layers = llm.runner.model_config.num_layers
+    per_step = sum(e.count for e in kernels) / 5
+    busy_us = sum(e.self_device_time_total for e in kernels) / 5
     print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+        f"GPU kernels and copies per step: {per_step:.0f} "
+        f"({per_step / layers:.1f} per layer of {layers}); "
+        f"GPU busy {busy_us / 1e3:.2f} ms per step"
     )
+    print(events.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ from minisgl.engine.cuda_graph import DecodeGraphs, use_decode_graphs
 from minisgl.engine.sampler import SampleOutput, SamplingBatch, sample
 from minisgl.engine.step import (
     LaunchedStep,
+    PendingStep,
     StepPlan,
     forward_batch,
     sampling_batch,
+    with_bitmask,
     write_page_table,
 )
 from minisgl.kvcache.pool import KVPool, kv_storage_dtype
@@ -143,7 +145,10 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             self._used_before = total - free
         # After the checks above, so that a refused flag costs no weight loading.
-        self.model = build_model(mc, self.dtype, self.device, max_model_len, self.tp)
+        self.fused = not cfg.disable_fused_kernels
+        self.model = build_model(
+            mc, self.dtype, self.device, max_model_len, self.tp, fused=self.fused
+        )
         if source.weights_dir is None:
             init_dummy_weights(self.model, cfg.seed)
         else:
@@ -273,23 +278,32 @@ class ModelRunner:
         """Bytes the parameters take on the device."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def launch(self, plan: StepPlan) -> LaunchedStep:
-        """Queue a step's page-table writes, forward and sampling; never waits for the device.
-
-        Sampled ids go to pinned host memory (read them with `LaunchedStep.read`) and, with
-        overlap, to `future[first_slot:]`, where the next step's placeholders point.
-        """
+    def launch_forward(self, plan: StepPlan) -> PendingStep:
+        """Queue a step's page-table writes and forward, and copy its sampling options to the
+        device; never waits for the device. Sample it with `launch_sample` before the next
+        step's forward is launched."""
         write_page_table(self.page_table, plan.table_writes, self.h2d)
         batch = forward_batch(plan, self.page_table, self.pool, self.attn, self.h2d, self.future)
         logits = self.forward(batch)
         sb = sampling_batch(
             plan.sampling, self.model_config.vocab_size, self.device, self.h2d, self.future
         )
-        sampled = self.sample(logits, sb)
         first = (self._launches % 2) * self.cfg.max_running_requests
         self._launches += 1
+        return PendingStep(first, logits, sb)
+
+    def launch_sample(self, pending: PendingStep, bitmask: torch.Tensor | None) -> LaunchedStep:
+        """Queue the sampling of a step `launch_forward` queued, its logits masked by
+        `bitmask` (a host structured-output bitmask, [B, ceil(vocab / 32)] int32; None for
+        none); never waits for the device.
+
+        Sampled ids go to pinned host memory (read them with `LaunchedStep.read`) and, with
+        overlap, to `future[first_slot:]`, where the next step's placeholders point.
+        """
+        sampled = self.sample(pending.logits, with_bitmask(pending.sampling, bitmask))
+        first = pending.first_slot
         if self.future is not None:
-            self.future[first : first + len(plan.seq_lens)] = sampled.token_ids
+            self.future[first : first + len(sampled.token_ids)] = sampled.token_ids
         host = SampleOutput(
             to_host(sampled.token_ids),
             *(
@@ -318,4 +332,4 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         """Choose tokens from the logits of `forward`."""
-        return sample(logits, sb)
+        return sample(logits, sb, self.fused)

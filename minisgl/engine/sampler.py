@@ -68,15 +68,16 @@ class SampleOutput:
     top_logprobs: torch.Tensor | None  # [B, N] float32
 
 
-def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
-    """Pick one token per row of `logits` ([B, V] float32); logprobs are of the raw logits."""
+def sample(logits: torch.Tensor, sb: SamplingBatch, fused: bool = True) -> SampleOutput:
+    """Pick one token per row of `logits` ([B, V] float32); logprobs are of the raw logits.
+    `fused`: the Triton sampling kernels on the GPU (False: the torch path everywhere)."""
     logprobs = top_ids = top_lps = None
     if sb.want_logprobs or sb.top_logprobs:
         raw = torch.log_softmax(logits, dim=-1)
         if sb.top_logprobs:
             top_lps, top_ids = raw.topk(sb.top_logprobs, dim=-1)
     logits = _apply_constraints(logits, sb)
-    ids = _sample_fused(logits, sb) if logits.is_cuda else None
+    ids = _sample_fused(logits, sb) if fused and logits.is_cuda else None
     if ids is None:
         ids = sample_torch(logits, sb)
     if sb.want_logprobs or sb.top_logprobs:

@@ -1,14 +1,16 @@
 """What the scheduler hands the engine for one step (plain host lists), and how the engine turns
 it into device tensors.
 
-The scheduler never touches a device tensor: it sends a `StepPlan` and gets a `LaunchedStep`
-back, whose `read` waits for the sampled tokens and returns them as host lists. (The one host
-tensor in a plan is the structured-output bitmask, which xgrammar's matchers fill in place.)
+The scheduler never touches a device tensor. A step is launched in two halves: the scheduler
+sends a `StepPlan` and gets a `PendingStep` back (the forward queued; the scheduler only hands
+it back), then hands that over with the step's structured-output bitmask (a host tensor, which
+xgrammar's matchers fill in place; None without constrained rows) and gets a `LaunchedStep`,
+whose `read` waits for the sampled tokens and returns them as host lists.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -56,10 +58,6 @@ class SamplingPlan:
     # The largest top_k among sampled rows with top-k or top-p on (vocab for top-p alone); 0
     # when no row cuts. The GPU sampler takes that many candidates per row.
     max_top_k: int = 0
-    # Structured output: [B, ceil(vocab / 32)] int32 host tensor of the tokens each row may
-    # take (all bits set in unconstrained rows), filled by the rows' grammar matchers; None
-    # when no row has a constraint.
-    grammar_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,6 +76,16 @@ class StepPlan:
     seq_lens: list[int]
     extend_lens: list[int]
     sampling: SamplingPlan
+
+
+@dataclass
+class PendingStep:
+    """A step whose forward is queued on the device, its sampling not yet (see
+    `ModelRunner.launch_forward`)."""
+
+    first_slot: int  # row i's token will be written to `future[first_slot + i]` (with overlap)
+    logits: torch.Tensor  # [B, vocab] on the device, once the forward has run
+    sampling: SamplingBatch  # on the device, without the structured-output bitmask
 
 
 @dataclass
@@ -180,13 +188,18 @@ def forward_batch(
     )
 
 
-def _bitmask_to(bitmask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """The bitmask on the device without waiting for it: a copy from pageable memory would
-    wait for the GPU's queued work, so it goes through pinned memory (torch's pinned blocks
-    are reused only once the copy out of them is done)."""
-    if bitmask is None or device.type == "cpu":
-        return bitmask
-    return bitmask.pin_memory().to(device, non_blocking=True)
+def with_bitmask(sb: SamplingBatch, bitmask: torch.Tensor | None) -> SamplingBatch:
+    """`sb` with a structured-output host bitmask ([B, ceil(vocab / 32)] int32) on its device,
+    copied without waiting: a copy from pageable memory would wait for the GPU's queued work,
+    so it goes through pinned memory (a copy of it, unless it is pinned already; torch's
+    pinned blocks are reused only once the copy out of them is done)."""
+    if bitmask is None:
+        return sb
+    device = sb.temperature.device
+    if device.type != "cpu":
+        pinned = bitmask if bitmask.is_pinned() else bitmask.pin_memory()
+        bitmask = pinned.to(device, non_blocking=True)
+    return replace(sb, grammar_bitmask=bitmask)
 
 
 def sampling_batch(
@@ -238,5 +251,4 @@ def sampling_batch(
         want_logprobs=sp.want_logprobs,
         top_logprobs=sp.top_logprobs,
         max_top_k=sp.max_top_k or None,
-        grammar_bitmask=_bitmask_to(sp.grammar_bitmask, device),
     )

@@ -59,6 +59,40 @@ def fused_rotary_(
     return q, k
 
 
+def fused_qkv_rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    num_q_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out_slots: torch.Tensor,
+    k_scale: float,
+    v_scale: float,
+) -> torch.Tensor | None:
+    """From the fused projection's output qkv [T, (Hq + 2 Hkv) D]: per-head q/k RMSNorm (when
+    the weights are given), rotary, and the new K/V stored in their cache slots, in one kernel;
+    returns q [T, Hq, D]. None off the GPU path, or when the head dim is not a power of two of
+    at least 16 or the cache is neither in qkv's dtype nor FP8 (nothing is written then)."""
+    import torch
+
+    head_dim = k_cache.shape[-1]
+    if not _on_gpu(qkv) or qkv.dim() != 2 or head_dim < 16 or head_dim & (head_dim - 1):
+        return None
+    if k_cache.dtype not in (qkv.dtype, torch.float8_e4m3fn):
+        return None
+    from minisgl.kernels import fused
+
+    return fused.qkv_rope_store(
+        qkv, positions, cos_sin, q_norm, k_norm, eps, num_q_heads, num_kv_heads,
+        k_cache, v_cache, out_slots, k_scale, v_scale,
+    )  # fmt: skip
+
+
 def fused_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """[T, 2I] -> silu(gate) * up, [T, I], in one kernel; None off the GPU path or when the
     input is not 2-D."""

@@ -4,8 +4,11 @@ Both kernels read K/V through the page table: key position t of a request lives 
 `page_table[row, t // PAGE_SIZE] * PAGE_SIZE + t % PAGE_SIZE` of the [num_slots, Hkv, D] caches.
 Softmax runs in base 2 (the scale is pre-multiplied by log2(e)) and accumulates in float32.
 
-FP8 caches (float8_e4m3fn, `--kv-cache-dtype fp8_e4m3`): each K/V tile is converted to the
-query's dtype right after its load, so the dots run as for a 16-bit cache. The per-layer
+FP8 caches (float8_e4m3fn, `--kv-cache-dtype fp8_e4m3`): each K/V tile is converted right
+after its load, so the dots run as for a 16-bit cache: to float16 in the decode kernel (with
+the query converted once; e4m3 -> float16 is one instruction per pair on sm_90, -> bfloat16
+several, which made the decode kernel slower than with a bf16 cache), to the query's dtype in
+the extend kernel. The per-layer
 scales never touch a tile: k_scale is folded into the softmax scale on the host (q . (k_scale
 k) = k_scale (q . k)) and v_scale multiplies the output once (sum p (v_scale v) = v_scale sum
 p v), also each split's partial output, which the merge combines linearly. A cache in the
@@ -52,7 +55,8 @@ from minisgl.kernels.jit import jit
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
-_MIN_SPLIT_TOKENS = 128  # a split walks at least this many keys (two BLOCK_N tiles)
+_MIN_SPLIT_TOKENS = 128  # a split walks at least this many keys
+_SMEM_SLACK = 16 * 1024  # shared memory left for the rest of the decode kernel
 
 
 @jit
@@ -156,6 +160,7 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     BLOCK_D: tl.constexpr,
     SINGLE: tl.constexpr,
     IEEE: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -177,6 +182,8 @@ def _decode_kernel(  # type: ignore[no-untyped-def]
     q = tl.load(
         Q + b * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0
     )
+    if F16_DOT:  # FP8 tiles convert to float16 in one instruction per pair (bf16 takes more)
+        q = q.to(tl.float16)
 
     pt_row = PageTable + row * stride_pt
     k_head = K + kvh.to(tl.int64) * stride_kh
@@ -423,15 +430,56 @@ def extend_config(head_dim: int, dtype: torch.dtype) -> ExtendConfig:
     return cfg
 
 
-def _decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The decode kernel's tiles: BLOCK_N keys per step, warps and pipeline stages; f16_dot
+    (FP8 caches only) runs the dots in float16 instead of the query's dtype."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    f16_dot: bool = False
+
+
+def decode_config(
+    head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype, smem_bytes: int
+) -> DecodeConfig:
+    """Tile sizes for the decode kernel (queries in `dtype`, cache in `kv_dtype`): the largest
+    BLOCK_N whose pipelined K and V tiles fit in `smem_bytes` of shared memory per program.
+
+    Swept on an H200 (`python -m minisgl.bench.attention --sweep`): BLOCK_N 128 with 4 warps
+    reads the cache at 87-100% of the copy rate at batch 64-256 (head dim 128), against 71-93%
+    with 64; two stages for 16-bit caches, three for FP8 ones, whose dots run in float16.
+    """
     bd = block_d(head_dim)
-    n = 64 if bd <= 128 else 32
-    return n // 2 if dtype == torch.float32 else n
+    if dtype == torch.float32:
+        return DecodeConfig(32 if bd <= 128 else 16, 4, 2)
+    fp8 = kv_dtype == torch.float8_e4m3fn
+    stages = 3 if fp8 else 2
+    for block_n in (128, 64, 32):
+        tiles = stages * 2 * block_n * bd * kv_dtype.itemsize  # K and V, every stage
+        if tiles + _SMEM_SLACK <= smem_bytes:
+            return DecodeConfig(block_n, 4, stages, f16_dot=fp8)
+    return DecodeConfig(16, 4, 1, f16_dot=fp8)
 
 
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+@functools.lru_cache(maxsize=8)
+def _smem_per_block(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
+def smem_per_block(device: torch.device) -> int:
+    """Shared memory one program may use on `device`; 48 KB, the CUDA default, on CPU."""
+    if device.type != "cuda":
+        return 48 * 1024
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _smem_per_block(index)
 
 
 def num_sms(device: torch.device) -> int:
@@ -503,12 +551,14 @@ def decode_attention(
     mid_lse: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    config: DecodeConfig | None = None,
 ) -> None:
     """One new token per request: out[b] = attention of q[b] over the request's cached keys.
 
     q/out: [B, Hq, D]; with num_splits > 1, mid_o [B, Hq, S, D] and mid_lse [B, Hq, S] float32
     hold the partial results (allocated here when not given). The caches are in q's dtype or
-    float8_e4m3fn, whose real values are the stored ones times k_scale / v_scale.
+    float8_e4m3fn, whose real values are the stored ones times k_scale / v_scale. `config`
+    overrides `decode_config` (the benchmark sweeps it).
     """
     _check(q, k_cache, v_cache, out)
     bsz, hq, head_dim = q.shape
@@ -524,6 +574,8 @@ def decode_attention(
     g = hq // hkv
     bd = block_d(head_dim)
     block_h = max(16, int(triton.next_power_of_2(g)))
+    cfg = config or decode_config(head_dim, q.dtype, k_cache.dtype, smem_per_block(q.device))
+    f16_dot = cfg.f16_dot and k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, out, mo, ml, req_rows, page_table, seq_lens,
         scale * _LOG2E * k_scale, v_scale, num_splits,
@@ -531,8 +583,8 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         mo.stride(0), mo.stride(1), mo.stride(2), ml.stride(0), ml.stride(1),
         G=g, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_H=block_h,
-        BLOCK_N=_decode_block_n(head_dim, q.dtype), BLOCK_D=bd, SINGLE=single,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        BLOCK_N=cfg.block_n, BLOCK_D=bd, SINGLE=single, IEEE=q.dtype == torch.float32,
+        F16_DOT=f16_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not single:
         _merge_kernel[(bsz, hq)](

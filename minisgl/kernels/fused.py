@@ -146,3 +146,130 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), BLOCK=block)
     return out
+
+
+@jit
+def _norm_rope(  # type: ignore[no-untyped-def]
+    ptr, mask, W, cos, sin, eps, d, HALF: tl.constexpr, HAS_NORM: tl.constexpr
+):
+    """Heads [BLOCK_H, 2 * HALF] at ptr: RMSNorm per head (weight W) if HAS_NORM, then the
+    NeoX rotation; returns the two rotated halves in float32."""
+    x1 = tl.load(ptr, mask=mask, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    if HAS_NORM:  # as _rmsnorm_kernel: float32 statistics, the weight applied in x's dtype
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        ms = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF)
+        r = tl.rsqrt(ms + eps)[:, None]
+        x1 = tl.load(W + d)[None, :] * (f1 * r).to(x1.dtype)
+        x2 = tl.load(W + HALF + d)[None, :] * (f2 * r).to(x2.dtype)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    return f1 * cos - f2 * sin, f2 * cos + f1 * sin
+
+
+@jit
+def _to_cache(x, scale, FP8: tl.constexpr, DTYPE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A value as the cache stores it: FP8 as store_kv_fp8 quantises (x / scale, saturated)."""
+    if FP8:
+        x = tl.math.div_rn(x.to(tl.float32), scale)
+        x = tl.clamp(x, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    return x.to(DTYPE)
+
+
+@jit
+def _qkv_rope_store_kernel(  # type: ignore[no-untyped-def]
+    QKV,
+    POS,
+    COS_SIN,
+    QW,
+    KW,
+    Q_OUT,
+    KCache,
+    VCache,
+    Slots,
+    stride_t,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    n_q,
+    n_kv,
+    eps,
+    k_scale,
+    v_scale,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    FP8: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + t).to(tl.int64)
+    slot = tl.load(Slots + t).to(tl.int64)
+    d = tl.arange(0, HALF)
+    cos = tl.load(COS_SIN + pos * (2 * HALF) + d)[None, :]
+    sin = tl.load(COS_SIN + pos * (2 * HALF) + HALF + d)[None, :]
+    h = tl.arange(0, BLOCK_H)[:, None]
+    head = h * (2 * HALF) + d[None, :]  # element offsets of heads in a packed [H, D] row
+    row = QKV + t * stride_t
+    dtype = Q_OUT.dtype.element_ty
+    cache_dtype = KCache.dtype.element_ty
+
+    mask = h < n_q
+    q1, q2 = _norm_rope(row + head, mask, QW, cos, sin, eps, d, HALF, HAS_NORM)
+    q_out = Q_OUT + t * n_q * (2 * HALF) + head
+    tl.store(q_out, q1.to(dtype), mask=mask)
+    tl.store(q_out + HALF, q2.to(dtype), mask=mask)
+
+    mask = h < n_kv
+    k1, k2 = _norm_rope(row + n_q * (2 * HALF) + head, mask, KW, cos, sin, eps, d, HALF, HAS_NORM)
+    k_dst = KCache + slot * stride_ks + h * stride_kh + d[None, :]
+    tl.store(k_dst, _to_cache(k1.to(dtype), k_scale, FP8, cache_dtype), mask=mask)
+    tl.store(k_dst + HALF, _to_cache(k2.to(dtype), k_scale, FP8, cache_dtype), mask=mask)
+
+    v_src = row + (n_q + n_kv) * (2 * HALF) + head
+    v_dst = VCache + slot * stride_vs + h * stride_vh + d[None, :]
+    for part in tl.static_range(2):
+        v = tl.load(v_src + part * HALF, mask=mask, other=0.0)
+        tl.store(v_dst + part * HALF, _to_cache(v, v_scale, FP8, cache_dtype), mask=mask)
+
+
+def qkv_rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    num_q_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out_slots: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """The attention block's input side in one launch, grid (token,).
+
+    qkv: [T, (Hq + 2 Hkv) D], the fused projection's output (q heads, then k, then v). Each q
+    and k head gets its RMSNorm (q_norm / k_norm weights, Qwen3; both or neither) and the
+    rotation by its token's position; the new K and V rows go straight into their cache slots
+    (an FP8 cache: divided by k_scale / v_scale, saturated at +-448). Returns q [T, Hq, D],
+    contiguous, in qkv's dtype."""
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    assert qkv.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert qkv.shape[1] == (num_q_heads + 2 * num_kv_heads) * head_dim
+    assert (q_norm is None) == (k_norm is None)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert fp8 or k_cache.dtype == qkv.dtype, "the cache is in the model's dtype or FP8"
+    q = torch.empty(tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if tokens == 0:
+        return q
+    has_norm = q_norm is not None
+    _qkv_rope_store_kernel[(tokens,)](
+        qkv, positions, cos_sin, q_norm if has_norm else qkv, k_norm if has_norm else qkv, q,
+        k_cache, v_cache, out_slots, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), num_q_heads, num_kv_heads, eps, k_scale, v_scale,
+        HALF=head_dim // 2, BLOCK_H=int(triton.next_power_of_2(max(num_q_heads, num_kv_heads))),
+        HAS_NORM=has_norm, FP8=fp8, num_warps=4,
+    )  # fmt: skip
+    return q

@@ -105,7 +105,8 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router (`gate`, replicated on every rank) and experts; returns [T, H] like the MLP."""
+    """Router (`gate`, replicated on every rank) and experts; returns [T, H] like the MLP. The
+    fused Triton MoE runs on the GPU unless `fused` is False."""
 
     def __init__(
         self,
@@ -115,9 +116,11 @@ class SparseMoE(nn.Module):
         top_k: int,
         renormalize: bool,
         tp: TPGroup,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.tp = tp
+        self.fused = fused
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = MergedLinear(hidden, [num_experts], False)
@@ -126,7 +129,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
         w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
-        out = fused_moe(x, logits, w13, w2, self.top_k, self.renormalize)
+        out = fused_moe(x, logits, w13, w2, self.top_k, self.renormalize) if self.fused else None
         if out is None:
             weights, ids = select_experts(logits, self.top_k, self.renormalize)
             capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()

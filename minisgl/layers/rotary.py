@@ -31,10 +31,14 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to q and k given each token's absolute position."""
+    """Applies rotary embeddings to q and k given each token's absolute position (in one Triton
+    kernel on the GPU unless `fused` is False)."""
 
-    def __init__(self, head_dim: int, rope: RopeConfig, max_positions: int) -> None:
+    def __init__(
+        self, head_dim: int, rope: RopeConfig, max_positions: int, fused: bool = True
+    ) -> None:
         super().__init__()
+        self.fused = fused
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * rope_inv_freq(
             head_dim, rope
         )
@@ -48,7 +52,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D] -> rotated (same shapes and dtypes; in place on GPU)."""
-        rotated = fused_rotary_(positions, q, k, self.cos_sin)
+        rotated = fused_rotary_(positions, q, k, self.cos_sin) if self.fused else None
         if rotated is not None:
             return rotated
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)

@@ -61,15 +61,17 @@ def build_model(
     device: torch.device,
     max_positions: int,
     tp: TPGroup | None = None,
+    fused: bool = True,
 ) -> CausalLM:
-    """An uninitialised model of `cfg` (this rank's shard of it) on `device`.
+    """An uninitialised model of `cfg` (this rank's shard of it) on `device`; `fused`: its
+    layers use the fused Triton kernels on the GPU.
 
     Parameters are created in `dtype` directly (rotary tables are float32 by construction):
     building in float32 and casting would take twice the weights' memory at the peak and leave
     the float32 copies in the allocator's cache, where the KV-pool sizing counts them as used.
     """
     with torch.device(device), _default_dtype(dtype):
-        model = CausalLM(cfg, max_positions, tp)
+        model = CausalLM(cfg, max_positions, tp, fused)
     return model.eval()
 
 

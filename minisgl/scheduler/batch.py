@@ -1,4 +1,5 @@
-"""Turn the scheduler's plan, (request, new tokens) pairs, into the engine's plain StepPlan."""
+"""Turn the scheduler's plan, (request, new tokens) pairs, into the engine's plain StepPlan, and
+fill a planned step's structured-output bitmask."""
 
 from __future__ import annotations
 
@@ -14,15 +15,12 @@ def build_step_plan(
     page_size: int,
     vocab: int,
     table_writes: dict[tuple[int, int], int],
-    batch_matcher: Any = None,
 ) -> StepPlan:
     """The StepPlan computing `n` new tokens of each (req, n); pages must be assigned.
 
-    `batch_matcher` (an xgrammar BatchGrammarMatcher) fills the structured-output bitmask
-    rows of constrained requests on several threads.
-
     Token ids not yet read back from the device are placeholders (see Scheduler: overlap
-    scheduling), which the engine resolves.
+    scheduling), which the engine resolves. The structured-output bitmask is not part of it
+    (see `row_matchers`).
     """
     ps = page_size
     input_ids: list[int] = []
@@ -42,27 +40,38 @@ def build_step_plan(
         req_rows=[req.row for req, _ in plan],
         seq_lens=[req.num_computed + n for req, n in plan],
         extend_lens=[n for _, n in plan],
-        sampling=build_sampling_plan(
-            [r for r, _ in plan],
-            vocab,
-            # Rows that sample a token this step (not a prefill chunk before the prompt's last)
-            [r.matcher if r.num_computed + n >= r.seq_len else None for r, n in plan],
-            batch_matcher,
-        ),
+        sampling=build_sampling_plan([r for r, _ in plan], vocab),
     )
 
 
-def build_sampling_plan(
-    reqs: list[Req], vocab: int, matchers: list[Any] | None = None, batch_matcher: Any = None
-) -> SamplingPlan:
-    """Per-row sampling options; penalty and ban lists only when some request needs them.
+def row_matchers(plan: list[tuple[Req, int]]) -> list[Any]:
+    """Per row of a plan (before the requests advance): the grammar matcher whose bitmask
+    constrains the token it samples, None for rows without a constraint and for prefill chunks
+    before the prompt's last (their token is not kept)."""
+    return [r.matcher if r.num_computed + n >= r.seq_len else None for r, n in plan]
 
-    `matchers`: per row, the grammar matcher whose bitmask constrains its token (None for
-    none); the requests' own matchers when not given.
-    """
+
+def step_bitmask(
+    plan: list[tuple[Req, int]],
+    matchers: list[Any],
+    vocab: int,
+    batch_matcher: Any = None,
+    pin: bool = False,
+) -> Any:
+    """The host bitmask of a planned step from its rows' matchers as they are now (see
+    `grammar.fill_bitmask`, also for `pin`; None without constrained rows). A row whose request
+    has finished or was aborted since it was planned gets every token (its token is dropped).
+    `batch_matcher` (an xgrammar BatchGrammarMatcher) fills rows on several threads."""
+    live = [
+        m if m is not None and req.finish_reason is None else None
+        for m, (req, _) in zip(matchers, plan, strict=True)
+    ]
+    return fill_bitmask(live, vocab, batch_matcher, pin)
+
+
+def build_sampling_plan(reqs: list[Req], vocab: int) -> SamplingPlan:
+    """Per-row sampling options; penalty and ban lists only when some request needs them."""
     params = [r.params for r in reqs]
-    if matchers is None:
-        matchers = [r.matcher for r in reqs]
     penalties = None
     if any(
         p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
@@ -95,5 +104,4 @@ def build_sampling_plan(
         want_logprobs=any(p.logprobs for p in params),
         top_logprobs=max(p.top_logprobs for p in params),
         max_top_k=max((p.top_k if 0 < p.top_k < vocab else vocab for p in cut), default=0),
-        grammar_bitmask=fill_bitmask(matchers, vocab, batch_matcher),
     )

@@ -65,9 +65,7 @@ class BatchPlanner:
             need: list[Req] = []
             for r in self.running:
                 seq_len = len(r.prompt_ids) + len(r.output_ids)
-                # Constrained requests whose last token is in flight wait for it to be read
-                # back (their next mask depends on it); the others decode it on the device.
-                if r.num_computed == seq_len - 1 and self._may_continue(r) and not r.awaits_token:
+                if r.num_computed == seq_len - 1 and self._may_continue(r):
                     decodes.append(r)
                     if seq_len > len(r.pages) * ps:
                         need.append(r)
@@ -94,7 +92,10 @@ class BatchPlanner:
         for req in self.policy.order(self.waiting, self.kv.cache):
             if budget <= 0 or not self.kv.free_rows:
                 break
-            if req.awaits_token:  # retracted with its last token in flight
+            if req.resolved_len < req.seq_len:
+                # Retracted with its newest token still in flight: not every id is known,
+                # so its prefix cannot be matched yet. (A step that retracts admits nobody
+                # and the token is read back before the next plan: this only guards that.)
                 continue
             prefix_pages, node = self.kv.match(req)
             new_pages = self.kv.pages_for(req.seq_len) - len(prefix_pages)

@@ -1,4 +1,5 @@
-"""A launched step's postprocessing: its tokens read back, stop conditions, the TokenOuts."""
+"""A launched step's postprocessing: its tokens read back, stop conditions, the TokenOuts (and
+the scheduler's records of a step in its two halves, forwarded and launched)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,27 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from minisgl.engine.step import LaunchedStep
+from minisgl.engine.step import LaunchedStep, PendingStep
 from minisgl.ipc.messages import TokenOut
 from minisgl.sampling_params import FinishReason
 from minisgl.scheduler.request import Req
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Forwarded:
+    """A step whose forward was queued on the device, its sampling not yet."""
+
+    plan: list[tuple[Req, int]]
+    out_index: list[int]  # per row: index of its placeholder in req.output_ids, -1 if none
+    matchers: list[Any]  # per row: the grammar matcher its token's bitmask comes from, or None
+    step: PendingStep
+
+    @property
+    def constrained(self) -> bool:
+        """Some row's token needs a structured-output bitmask."""
+        return any(m is not None for m in self.matchers)
 
 
 @dataclass
@@ -21,6 +37,7 @@ class Launched:
     plan: list[tuple[Req, int]]
     out_index: list[int]  # per row: index of its placeholder in req.output_ids, -1 if none
     step: LaunchedStep
+    constrained: bool = False  # some row's token was sampled under a structured-output mask
 
 
 @dataclass
@@ -33,14 +50,16 @@ class Completed:
     finished: list[Req]
 
 
-def complete(launched: Launched, max_model_len: int) -> Completed:
+def complete(launched: Launched, max_model_len: int, batch_matcher: Any = None) -> Completed:
     """Wait for a launched step's tokens, put them in place of their placeholders and finish
     the requests that reached a stop token, the end of their constraint or their length. A
     request that finished or was aborted while the step was in flight gets nothing (its
-    token is dropped)."""
+    token is dropped). `batch_matcher` (an xgrammar BatchGrammarMatcher) feeds the tokens to
+    the constrained requests' matchers on several threads."""
     ids, lps, top_ids, top_lps = launched.step.read()
     outputs: list[TokenOut] = []
     finished: list[Req] = []
+    accepted = _accept_tokens(launched, ids, batch_matcher)
     for i, (req, _) in enumerate(launched.plan):
         idx = launched.out_index[i]
         if idx < 0 or req.finish_reason is not None:
@@ -53,7 +72,7 @@ def complete(launched: Launched, max_model_len: int) -> Completed:
         top = _top(req, i, top_ids, top_lps)
         if top is not None:
             req.top_logprobs.append(top)
-        constraint = _advance_constraint(req, token) if req.matcher is not None else None
+        constraint = _constraint_end(req, token, accepted[i]) if req.matcher is not None else None
         if constraint is not None:
             req.finish_reason = constraint
             req.matched_stop = token if constraint == "stop" and token in req.stop_ids else None
@@ -79,12 +98,29 @@ def complete(launched: Launched, max_model_len: int) -> Completed:
     return Completed(ids, outputs, finished)
 
 
-def _advance_constraint(req: Req, token: int) -> FinishReason | None:
-    """Feed `token` to the request's matcher: "stop" once the constraint is satisfied and
-    allows no more tokens, "abort" (logged) if the token broke it (which the bitmask rules
+def _accept_tokens(launched: Launched, ids: list[int], batch_matcher: Any) -> dict[int, bool]:
+    """Feed each constrained row's token to its request's matcher (unless the request ended
+    meanwhile): row -> whether the matcher accepted it. With `batch_matcher` and several rows,
+    on its threads (each request has one row, so the order does not matter)."""
+    rows = [
+        i
+        for i, (req, _) in enumerate(launched.plan)
+        if req.matcher is not None and launched.out_index[i] >= 0 and req.finish_reason is None
+    ]
+    matchers = [launched.plan[i][0].matcher for i in rows]
+    if batch_matcher is not None and len(rows) > 1:
+        ok = batch_matcher.batch_accept_token(matchers, [ids[i] for i in rows])
+    else:
+        ok = [m.accept_token(ids[i]) for m, i in zip(matchers, rows, strict=True)]
+    return dict(zip(rows, ok, strict=True))
+
+
+def _constraint_end(req: Req, token: int, accepted: bool) -> FinishReason | None:
+    """After the request's matcher was fed `token`: "stop" once the constraint is satisfied
+    and allows no more tokens, "abort" (logged) if the token broke it (which the bitmask rules
     out), None while it goes on."""
     assert req.matcher is not None
-    if not req.matcher.accept_token(token):
+    if not accepted:
         log.error("request %s: token %d breaks its constraint; aborting it", req.rid, token)
         return "abort"
     return "stop" if req.matcher.is_terminated() else None

@@ -39,12 +39,6 @@ class Req:
     matcher: Any = None
 
     @property
-    def awaits_token(self) -> bool:
-        """A constrained request whose newest token is still in flight: its next token's mask
-        needs that one first, so it is not planned until the token is read back."""
-        return self.matcher is not None and bool(self.output_ids) and self.output_ids[-1] < 0
-
-    @property
     def seq_len(self) -> int:
         """Tokens known so far: prompt plus output."""
         return len(self.prompt_ids) + len(self.output_ids)

@@ -5,7 +5,8 @@ Each step (`step`) is schedule, run, postprocess:
    prefill chunks, admissions; it owns the waiting queue and the running batch and retracts
    the newest requests when the pool is short of pages.
 2. `_launch` hands the plan to the ModelRunner, which owns every device tensor, as a plain
-   StepPlan; the forward and sampling are queued on the device.
+   StepPlan; the forward and sampling are queued on the device (for a step with constrained
+   rows the sampling later, by `_launch_sample`, with their structured-output bitmask).
 3. `_complete` (`postprocess.complete`) reads a launched step's tokens back, checks stop
    conditions and reports a TokenOut (the wire struct, `ipc.messages`) for each request that
    produced a token; a request's first one carries its params, for the detokenizer.
@@ -15,26 +16,34 @@ behind it; the tensor-parallel protocol is `TPSync` (scheduler/tp_sync.py).
 
 Overlap scheduling: a step only launches its forward and sampling on the GPU, advances each
 request as if its token were known (the token id is a placeholder, -1 - slot, for the slot of
-the runner's `future` the sampled id is written to on the device), and then reads back the
-tokens of the step before, which ran while the CPU was planning this one. The next step's
-input ids are resolved from `future` on the GPU, so the CPU never waits for a step to end
-before planning the next. A request that stops at a token the CPU has not seen yet is already
-in the next step; that one extra token is dropped. Without overlap, each step reads back its
-own tokens at once, through the same code.
+the runner's `future` the sampled id is written to on the device), and reads back the tokens
+of the step before, which ran while the CPU was planning this one (with constrained rows the
+read-back comes between the forward and the sampling: see below). The next step's input ids
+are resolved from `future` on the GPU, so the CPU never waits for a step to end before
+planning the next. A request that stops at a token the CPU has not seen yet is already in the
+next step; that one extra token is dropped. Without overlap, each step reads back its own
+tokens at once, through the same code (with no step before to read back).
 
 Structured output: a request with a constraint gets an xgrammar matcher (`grammar.py`; its
-grammar compiled once per distinct constraint in this process, cached). Each step its row's
-token bitmask is filled on the host from the matcher's state and applied to its logits before
-sampling; the matcher accepts each token as it is read back. With overlap, a constrained
-request is not planned while its newest token is in flight (it needs that token for the next
-mask), so it decodes every other step; the other rows stay overlapped.
+grammar compiled once per distinct constraint in this process, cached); the matcher accepts
+each token as it is read back. A step with constrained rows is launched in the order SGLang
+uses: (1) its forward, which needs no mask (its input ids come from `future`), constrained
+rows included; (2) the step before is completed while the GPU runs that forward (read back,
+matchers advanced, stop checks, finished requests retired); (3) the constrained rows' bitmask
+is filled on the host from the advanced matchers (every token allowed in a row whose request
+finished or was aborted meanwhile: its token is dropped) and the sampling is launched.
+Invariant: when the sampling of a step with constrained rows is launched, every step before
+it has been completed, so every matcher has accepted every earlier token. A step without
+constrained rows needs no mask and launches its sampling right behind its forward, before
+(2). So constrained requests decode on every step, like the others.
 
 Tensor parallelism: every rank runs its own Scheduler over its shard of the model and KV
 cache. Only the leader (rank 0) is called from outside; it records each call that changes the
 state and, at the start of every step, broadcasts them to the other ranks, which replay them
 and step too (`follow`). Scheduling is deterministic given those calls and the sampled tokens,
 and every rank samples the same tokens from the same gathered logits, so all ranks make the
-same decisions without further messages.
+same decisions without further messages (whether a step's sampling waits for the step before
+depends on its plan alone, so every rank splits the same steps).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import logging
 import secrets
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from minisgl.config import EngineConfig
 from minisgl.engine.model_runner import ModelRunner
@@ -52,11 +62,11 @@ from minisgl.kvcache.allocator import PageAllocator
 from minisgl.kvcache.prefix import PrefixCache
 from minisgl.models.source import resolve_model
 from minisgl.sampling_params import SamplingParams
-from minisgl.scheduler.batch import build_step_plan
+from minisgl.scheduler.batch import build_step_plan, row_matchers, step_bitmask
 from minisgl.scheduler.pages import KVPages
 from minisgl.scheduler.planner import BatchPlanner
 from minisgl.scheduler.policy import AdmissionPolicy
-from minisgl.scheduler.postprocess import Launched, complete
+from minisgl.scheduler.postprocess import Forwarded, Launched, complete
 from minisgl.scheduler.request import Req
 from minisgl.scheduler.tp_sync import AbortOp, AddOp, Fingerprint, ReleaseCacheOp, TPSync
 from minisgl.tokenizer.tokenizer import Tokenizer, tokenizer_for
@@ -110,6 +120,7 @@ class Scheduler:
         self._steps = 0
         self._token_digest = 0  # hash of every token read back (ranks compare it)
         self._in_flight: Launched | None = None
+        self._pin = runner.device.type == "cuda"  # bitmasks in pinned memory, for the copy
         self._computed_tokens = 0
         self.grammar_source = GrammarSource(
             self._load_tokenizer, self.vocab_size, sorted(self.eos_ids)
@@ -264,28 +275,39 @@ class Scheduler:
         """Launch the next batch; return the tokens of the step that completed.
 
         Without overlap that is this step; with it, the previous one (so the GPU already has
-        this step queued while the host reads back and post-processes the last).
+        this step's forward queued while the host reads back and post-processes the last).
         """
         self.sync.send(self.fingerprint())
         launched = self._launch()
+        done, self._in_flight = self._in_flight, None
+        outputs = self._complete(done) if done else []
+        if isinstance(launched, Forwarded):  # every matcher has its tokens now: sample
+            launched = self._launch_sample(launched)
+        if launched is None:
+            return outputs
         if not self.overlap:
-            return self._complete(launched) if launched else []
-        done, self._in_flight = self._in_flight, launched
-        return self._complete(done) if done else []
+            return self._complete(launched)
+        self._in_flight = launched
+        return outputs
 
-    def _launch(self) -> Launched | None:
-        """Plan a batch, hand it to the runner, and advance the requests in it."""
+    def _launch(self) -> Launched | Forwarded | None:
+        """Queue the next step on the runner: its forward, and its sampling too unless it has
+        constrained rows (Forwarded then: `_launch_sample` once the step before is completed)."""
+        fwd = self._forward()
+        if fwd is None or fwd.constrained:
+            return fwd
+        return self._launch_sample(fwd)
+
+    def _forward(self) -> Forwarded | None:
+        """Plan a batch, queue its forward on the runner, and advance the requests in it."""
         plan = self.planner.plan()
         if not plan:
             return None
-        batch_matcher = None
-        grammars = self.grammar_source.loaded
-        if grammars is not None and any(r.matcher is not None for r, _ in plan):
-            batch_matcher = grammars.batch
+        matchers = row_matchers(plan)
         step_plan = build_step_plan(
-            plan, self.page_size, self.vocab_size, self.kv.take_table_writes(), batch_matcher
+            plan, self.page_size, self.vocab_size, self.kv.take_table_writes()
         )
-        step = self.runner.launch(step_plan)
+        pending = self.runner.launch_forward(step_plan)
         self._steps += 1
         out_index: list[int] = []
         for i, (req, n) in enumerate(plan):
@@ -297,13 +319,31 @@ class Scheduler:
                 out_index.append(-1)  # a prefill chunk that is not the prompt's last
             else:
                 out_index.append(len(req.output_ids))
-                req.output_ids.append(-1 - (step.first_slot + i))
+                req.output_ids.append(-1 - (pending.first_slot + i))
         self._computed_tokens += sum(n for _, n in plan)
-        return Launched(plan, out_index, step)
+        return Forwarded(plan, out_index, matchers, pending)
+
+    def _launch_sample(self, fwd: Forwarded) -> Launched:
+        """Fill the bitmask of a forwarded step's constrained rows from their matchers as
+        they are now, and queue its sampling."""
+        bitmask = None
+        if fwd.constrained:
+            bitmask = step_bitmask(
+                fwd.plan, fwd.matchers, self.vocab_size, self._batch_matcher(), self._pin
+            )
+        step = self.runner.launch_sample(fwd.step, bitmask)
+        return Launched(fwd.plan, fwd.out_index, step, fwd.constrained)
+
+    def _batch_matcher(self) -> Any:
+        """xgrammar's BatchGrammarMatcher, which works on many matchers on its threads (only
+        for steps with constrained rows: it imports xgrammar)."""
+        grammars = self.grammar_source.loaded
+        return grammars.batch if grammars is not None else None
 
     def _complete(self, launched: Launched) -> list[TokenOut]:
         """Read back a launched step's tokens and take the finished requests out."""
-        done = complete(launched, self.max_model_len)
+        batch = self._batch_matcher() if launched.constrained else None
+        done = complete(launched, self.max_model_len, batch)
         self._token_digest = hash((self._token_digest, *done.token_ids))
         for req in done.finished:
             self._retire(req)

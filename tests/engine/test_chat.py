@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from minisgl import LLM, SamplingParams
@@ -108,3 +110,89 @@ def test_ctrl_c_at_the_prompt_quits_cleanly() -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_chat_json_mode_constrains_replies_and_reports_bad_schema_files(
+    llm: LLM, tmp_path: Path
+) -> None:
+    """--json starts with JSON-object replies; /json FILE takes a schema (a missing file, bad
+    JSON or a schema that does not compile is one error line, the mode unchanged); a reply the
+    token limit cut is marked; /json off is free text again."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 10},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["city", "n"],
+    }
+    files = {
+        "schema.json": json.dumps(schema),
+        "long.json": json.dumps(
+            {
+                "type": "object",
+                "properties": {"s": {"type": "string", "minLength": 200}},
+                "required": ["s"],
+            }
+        ),
+        "bad.json": "{not json",
+        "badschema.json": '{"type": "nope"}',
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    p = {name: str(tmp_path / name) for name in files}
+    missing = str(tmp_path / "missing.json")
+    script = [
+        "hi",
+        f"/json {missing}",
+        f"/json {p['bad.json']}",
+        f"/json {p['badschema.json']}",
+        "/reset",
+        f"/json {p['schema.json']}",
+        "hi",
+        f"/json {p['long.json']}",
+        "/reset",
+        "hi",
+        "/json off",
+        "/reset",
+        "hi",
+        "/help",
+        "/exit",
+    ]
+    proc = _chat(
+        "\n".join(script) + "\n", "--json", "--sampling-seed", "3", "--max-new-tokens", "32"
+    )
+    assert proc.returncode == 0, proc.stderr
+    banner, *turns = proc.stdout.split(">>> ")
+    assert "/json" in banner and banner.endswith("(replies are JSON objects)\n")
+    assert turns[1:4] == ["", "", ""]  # the errors go to stderr, one line each
+    errors = proc.stderr.splitlines()
+    assert errors[0] == f"error: /json: cannot read {missing}: No such file or directory"
+    assert errors[1].startswith(f"error: /json: {p['bad.json']} is not valid JSON: ")
+    assert errors[2].startswith(
+        f"error: /json: {p['badschema.json']}: json_schema: does not compile"
+    )
+    assert len(errors) == 3, proc.stderr
+    assert turns[5] == f"(replies follow the JSON schema in {p['schema.json']})\n"
+    assert turns[7] == f"(replies follow the JSON schema in {p['long.json']})\n"
+    assert turns[10] == "(free text)\n" and "/json" in turns[13]
+
+    def reply(**constraint: Any) -> tuple[str, str]:
+        params = SamplingParams(
+            temperature=1.0, top_p=0.95, max_new_tokens=32, seed=3, **constraint
+        )
+        out = llm.generate([[{"role": "user", "content": "hi"}]], params)[0]
+        assert out.text is not None
+        return out.text, out.finish_reason
+
+    # Each reply is what the engine gives the same conversation under the same constraint.
+    as_object, reason = reply(json_object=True)
+    assert reason == "stop" and turns[0] == as_object + "\n"
+    assert isinstance(json.loads(turns[0]), dict)
+    as_schema, reason = reply(json_schema=files["schema.json"])
+    assert reason == "stop" and turns[6] == as_schema + "\n"
+    jsonschema.validate(json.loads(turns[6]), schema)
+    cut, reason = reply(json_schema=files["long.json"])
+    assert reason == "length" and turns[9] == cut + "\n(cut at --max-new-tokens 32: incomplete)\n"
+    free, _ = reply()
+    assert turns[12] == free + "\n"

@@ -98,3 +98,39 @@ def test_cuda_graphs_are_used_and_match_eager(checkpoints: dict[str, Path]) -> N
     )
     assert eager.runner.graphs is None
     assert got == [o.token_ids for o in eager.generate(_prompts()[:5], params)]
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3-qknorm", "qwen2-bias"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_the_fused_input_kernel_matches_the_unfused_steps(
+    checkpoints: dict[str, Path],
+    variant: str,
+    kv_cache_dtype: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Greedy tokens in float32 (bfloat16 for the FP8 cache, which needs 16-bit queries) with
+    the attention block's fused input kernel (norm, rotary, K/V store) and with the steps it
+    replaces run one by one (norm and rotary kernels, the backend's store)."""
+    import minisgl.models.decoder as decoder
+
+    dtype = "float32" if kv_cache_dtype == "auto" else "bfloat16"
+    calls = 0
+    real = decoder.fused_qkv_rope_store
+
+    def counted(*args: Any) -> torch.Tensor | None:
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    monkeypatch.setattr(decoder, "fused_qkv_rope_store", counted)
+    fused = _run(checkpoints[variant], dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    assert calls > 0, "the fused input kernel did not run"
+    monkeypatch.setattr(decoder, "fused_qkv_rope_store", lambda *args: None)
+    unfused = _run(checkpoints[variant], dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    if kv_cache_dtype == "auto":
+        assert fused == unfused
+    else:  # bf16 rounding: the first token of nearly every prompt, most of each output
+        first = sum(a[0] == b[0] for a, b in zip(fused, unfused, strict=True)) / len(fused)
+        same = sum(a == b for a, b in zip(fused, unfused, strict=True)) / len(fused)
+        print(f"\n{variant} fp8: first token {first:.0%}, whole output {same:.0%} identical")
+        assert first >= 0.9

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from minisgl.engine.sampler import row_hash
-from tests.helpers.fused_cases import check_rmsnorm, check_rotary, check_silu
+from tests.helpers.fused_cases import (
+    check_qkv_rope_store,
+    check_rmsnorm,
+    check_rotary,
+    check_silu,
+)
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -54,6 +59,32 @@ def test_rotary(k: ModuleType, dtype: torch.dtype, tokens: int, dim: int) -> Non
 @pytest.mark.parametrize(("rows", "inter"), [(1, 14336), (257, 3072)])
 def test_silu_and_mul(k: ModuleType, dtype: torch.dtype, rows: int, inter: int) -> None:
     check_silu(k, "cuda", dtype, rows, inter)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_norm", [True, False])
+@pytest.mark.parametrize(
+    ("tokens", "heads"),
+    [
+        (1, (16, 8, 128)),
+        (256, (32, 8, 128)),
+        (8192, (16, 8, 128)),
+        (7, (14, 2, 64)),
+        (3, (40, 8, 128)),
+    ],
+)
+def test_qkv_rope_store(
+    k: ModuleType, dtype: torch.dtype, has_norm: bool, tokens: int, heads: tuple[int, int, int]
+) -> None:
+    check_qkv_rope_store(k, "cuda", dtype, tokens, heads, has_norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("tokens", "heads"), [(1, (16, 8, 128)), (300, (32, 8, 128))])
+def test_qkv_rope_store_into_an_fp8_cache(
+    k: ModuleType, dtype: torch.dtype, tokens: int, heads: tuple[int, int, int]
+) -> None:
+    check_qkv_rope_store(k, "cuda", dtype, tokens, heads, has_norm=True, fp8=True)
 
 
 def test_sampling_frequencies_follow_the_distribution(sampling: ModuleType) -> None:

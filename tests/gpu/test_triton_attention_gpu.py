@@ -237,3 +237,30 @@ def test_timing() -> None:
         )
         del case, b
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_every_tile_config_the_benchmark_sweeps(
+    compiled_kernels: ModuleType, head_dim: int
+) -> None:
+    """Each DecodeConfig `python -m minisgl.bench.attention --sweep` times gives the reference
+    output (bf16 queries and cache), with one split and with several."""
+    from minisgl.bench.attention import configs
+
+    case = make_case(
+        [3000, 17, 1, 640], [1] * 4, page_size=16, num_q_heads=16, num_kv_heads=8,
+        head_dim=head_dim, dtype=torch.bfloat16, device=DEVICE,
+    )  # fmt: skip
+    expected = reference(case, per_request=True)
+    b = case.batch
+    b.k_caches[0][b.out_slots] = case.k
+    b.v_caches[0][b.out_slots] = case.v
+    tol = TOLERANCE[torch.bfloat16]
+    for cfg in configs(head_dim, fp8=False):
+        for splits in (1, 5):
+            out = torch.full_like(case.q, float("nan"))
+            compiled_kernels.decode_attention(
+                case.q, b.k_caches[0], b.v_caches[0], out, b.req_rows, b.page_table,
+                b.seq_lens, b.page_size, head_dim**-0.5, splits, config=cfg,
+            )  # fmt: skip
+            torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol, msg=str(cfg))

@@ -14,7 +14,12 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from tests.helpers.fused_cases import check_rmsnorm, check_rotary, check_silu
+from tests.helpers.fused_cases import (
+    check_qkv_rope_store,
+    check_rmsnorm,
+    check_rotary,
+    check_silu,
+)
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -71,7 +76,8 @@ def test_the_layers_reach_each_kernel_only_on_the_gpu_path(
     gen = torch.Generator().manual_seed(3)
     x, res = torch.randn(4, 32, generator=gen), torch.randn(4, 32, generator=gen)
     norm = RMSNorm(32, 1e-6)
-    rope = RotaryEmbedding(16, RopeConfig(theta=10000.0), 64)
+    rope_cfg = RopeConfig(theta=10000.0)
+    rope = RotaryEmbedding(16, rope_cfg, 64)
     q, kk = torch.randn(4, 2, 16, generator=gen), torch.randn(4, 1, 16, generator=gen)
     pos = torch.tensor([0, 5, 9, 63])
 
@@ -87,3 +93,20 @@ def test_the_layers_reach_each_kernel_only_on_the_gpu_path(
     for a, b in zip(fused_path, torch_path, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert ops.fused_silu_and_mul(res[None]) is None  # 3-D input: the torch path
+    # fused=False (--disable-fused-kernels): the torch path even with the gate open.
+    calls.clear()
+    norm, rope = RMSNorm(32, 1e-6, fused=False), RotaryEmbedding(16, rope_cfg, 64, fused=False)
+    rq, rk = rope(pos, q.clone(), kk.clone())
+    unfused = [norm(x), *norm.add_and_norm(x, res), rq, rk, silu_and_mul(res, fused=False)]
+    assert calls == []
+    for a, b in zip(unfused, torch_path, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_norm", [True, False])
+@pytest.mark.parametrize(("tokens", "heads"), [(1, (2, 1, 16)), (5, (4, 2, 32)), (3, (3, 3, 64))])
+def test_qkv_rope_store(
+    k: ModuleType, dtype: torch.dtype, has_norm: bool, tokens: int, heads: tuple[int, int, int]
+) -> None:
+    check_qkv_rope_store(k, "cpu", dtype, tokens, heads, has_norm)

@@ -1,10 +1,9 @@
 """minisgl.grammar: compiling constraints with xgrammar for the demo tokenizer, the bitmask,
-the sampler applying it, and overlap scheduling holding a constrained request back while its
-token is in flight."""
+the sampler applying it, and overlap scheduling planning a constrained request on every step
+while its newest token is in flight (tests/engine/test_structured_overlap.py has the rest)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterator
 
@@ -12,7 +11,8 @@ import pytest
 import torch
 
 from minisgl import LLM, SamplingParams
-from minisgl.engine.sampler import SamplingBatch, sample
+from minisgl.engine.sampler import SampleOutput, SamplingBatch, sample
+from minisgl.engine.step import LaunchedStep
 from minisgl.grammar import (
     GrammarCompiler,
     GrammarSource,
@@ -21,6 +21,8 @@ from minisgl.grammar import (
     fill_bitmask,
 )
 from minisgl.models.source import resolve_model
+from minisgl.scheduler.postprocess import Launched, complete
+from minisgl.scheduler.request import Req
 from minisgl.tokenizer.tokenizer import tokenizer_for
 
 VOCAB = 2048
@@ -115,6 +117,33 @@ def test_bitmask_rows_and_sampler(compiler: GrammarCompiler) -> None:
         assert ids[1] in allowed
 
 
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-by-one", "batched"])
+def test_read_back_tokens_advance_the_matchers(compiler: GrammarCompiler, threaded: bool) -> None:
+    """postprocess.complete feeds each constrained row's token to its matcher (on xgrammar's
+    threads when batched): a token it allows moves it on, one it forbids aborts the request."""
+    params = SamplingParams(choice=["yes", "no"], max_new_tokens=8)
+    reqs = [Req(rid, [5, 6], params, 0, frozenset(), 8) for rid in ("a", "b", "c")]
+    for r in reqs:
+        r.matcher = compiler.matcher(params)
+        r.output_ids = [-1]  # the placeholder of the token read back below
+        r.num_computed = 2
+    bitmask = fill_bitmask([reqs[0].matcher], VOCAB)
+    assert bitmask is not None
+    allowed = _allowed(bitmask, 0)
+    good, bad = min(allowed), min(set(range(VOCAB)) - allowed)
+    ids = torch.tensor([good, bad, good])
+    step = LaunchedStep(0, SampleOutput(ids, None, None, None), None)
+    launched = Launched([(r, 1) for r in reqs], [0, 0, 0], step, constrained=True)
+    done = complete(launched, 64, compiler.batch if threaded else None)
+    assert done.token_ids == ids.tolist() and [o.rid for o in done.outputs] == ["a", "b", "c"]
+    assert reqs[1].finish_reason == "abort" and reqs[1] in done.finished
+    for r in (reqs[0], reqs[2]):  # accepted; a choice ends only at the stop token after it
+        assert r.finish_reason is None and r.output_ids == [good]
+        assert r.matcher is not None and not r.matcher.is_terminated()
+        after = fill_bitmask([r.matcher], VOCAB)
+        assert after is not None and _allowed(after, 0) != allowed  # it moved on
+
+
 @pytest.fixture(scope="module")
 def overlapped() -> Iterator[LLM]:
     llm = LLM(progress=False, num_pages=256, overlap_schedule="on")
@@ -122,7 +151,7 @@ def overlapped() -> Iterator[LLM]:
     llm.close()
 
 
-def test_overlap_plans_a_constrained_request_every_other_step(overlapped: LLM) -> None:
+def test_overlap_plans_a_constrained_request_on_every_step(overlapped: LLM) -> None:
     plain = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
     constrained = SamplingParams(temperature=0.0, max_new_tokens=8, regex="a{8}")
     rid_plain = overlapped.submit("hello", plain)
@@ -136,9 +165,10 @@ def test_overlap_plans_a_constrained_request_every_other_step(overlapped: LLM) -
         planned.append({r.rid for r in sched.running if r.num_computed != before.get(r.rid)})
     con_steps = [i for i, p in enumerate(planned) if rid_con in p]
     plain_steps = [i for i, p in enumerate(planned) if rid_plain in p]
-    # The plain request decodes every step; the constrained one never two steps in a row.
+    # Both decode on consecutive steps, the constrained one with its newest token in flight.
     assert plain_steps == list(range(plain_steps[0], plain_steps[0] + len(plain_steps)))
-    assert len(con_steps) >= 3 and all(b - a >= 2 for a, b in itertools.pairwise(con_steps))
+    assert len(con_steps) >= 3
+    assert con_steps == list(range(con_steps[0], con_steps[0] + len(con_steps)))
 
 
 def test_grammars_prepared_on_a_thread_serve_the_first_request(overlapped: LLM) -> None:

@@ -151,6 +151,21 @@ def test_the_layer_takes_the_kernel_only_on_the_gpu_path(
     assert calls == [1]
     torch.testing.assert_close(fused_path, torch_path, atol=1e-5, rtol=1e-5)
     assert ops.fused_moe(x[None], x, x, x, 2, True) is None  # 3-D input: the torch path
+    unfused = SparseMoE(32, 16, 6, 2, True, TPGroup(), fused=False)
+    unfused.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(unfused(x), torch_path)
+    assert calls == [1], "fused=False took the kernel path"
+
+
+@pytest.mark.parametrize("config", [(16, 16, 64, 4, 3), (16, 64, 256, 4, 4), (64, 32, 128, 8, 3)])
+def test_each_tile_config_matches_the_torch_path(
+    k: ModuleType, config: tuple[int, int, int, int, int]
+) -> None:
+    """Tile configurations the MoE benchmark sweeps (`moe_grouped(..., config)`)."""
+    x, logits, gate_up, down = _case(9, 8, 128, 96, "ragged", torch.float32, seed=5)
+    ref, _, _ = _reference(x, logits, gate_up, down, top_k=2, norm=True)
+    got = k.moe_grouped(x, logits, gate_up, down, 2, True, k.TileConfig(*config))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("load", ["even", "ragged"])

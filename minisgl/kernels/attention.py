@@ -456,11 +456,11 @@ def decode_config(
         return DecodeConfig(32 if bd <= 128 else 16, 4, 2)
     fp8 = kv_dtype == torch.float8_e4m3fn
     stages = 3 if fp8 else 2
-    for block_n in (128, 64, 32):
+    for block_n in (128, 64):
         tiles = stages * 2 * block_n * bd * kv_dtype.itemsize  # K and V, every stage
         if tiles + _SMEM_SLACK <= smem_bytes:
             return DecodeConfig(block_n, 4, stages, f16_dot=fp8)
-    return DecodeConfig(16, 4, 1, f16_dot=fp8)
+    return DecodeConfig(32, 4, stages, f16_dot=fp8)
 
 
 @functools.lru_cache(maxsize=8)

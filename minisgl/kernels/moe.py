@@ -324,7 +324,7 @@ def moe_grouped(
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """The grouped-GEMM path (kernels 1 to 4 of the module docstring); `config` overrides
-    `tile_config` (the benchmark sweeps it)."""
+    `tile_config` (tests try several)."""
     t, hidden = x.shape
     n_experts, two_i, _ = gate_up.shape
     inter = two_i // 2

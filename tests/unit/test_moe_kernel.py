@@ -161,7 +161,7 @@ def test_the_layer_takes_the_kernel_only_on_the_gpu_path(
 def test_each_tile_config_matches_the_torch_path(
     k: ModuleType, config: tuple[int, int, int, int, int]
 ) -> None:
-    """Tile configurations the MoE benchmark sweeps (`moe_grouped(..., config)`)."""
+    """Tile configurations other than the defaults (`moe_grouped(..., config)`)."""
     x, logits, gate_up, down = _case(9, 8, 128, 96, "ragged", torch.float32, seed=5)
     ref, _, _ = _reference(x, logits, gate_up, down, top_k=2, norm=True)
     got = k.moe_grouped(x, logits, gate_up, down, 2, True, k.TileConfig(*config))

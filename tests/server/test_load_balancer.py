@@ -201,6 +201,8 @@ def test_a_replica_that_is_down_is_skipped(balanced: Balanced) -> None:
     with Client(balanced.target, timeout=60) as c:
         for _ in range(6):
             assert c.generate(PROMPT, **OPTIONS).completion_tokens == OPTIONS["max_new_tokens"]
+    # nginx writes a call's log line after the client has its response: wait for all six.
+    wait_until(lambda: len(balanced.upstreams()) >= before + 6, 10, "six access-log lines")
     last = balanced.upstreams()[before:]
     # A call nginx first sent to the dead replica shows both addresses ("dead, live").
     assert len(last) == 6

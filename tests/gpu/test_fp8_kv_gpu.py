@@ -310,11 +310,6 @@ TIMING = [
 MEMORY_BOUND = ("b64 4k llama", "b256 2k llama")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FP8 decode is slower than bf16 on an H200 (fp8/bf16 1.32 at b64 4k llama): "
-    "converting each loaded tile costs more than the bytes saved (benchmarks/RESULTS.md)",
-)
 def test_decode_timing_fp8_vs_bf16() -> None:
     """One layer's decode (store + attention), pages of 16, bf16 queries: median ms and the
     cache bytes read per second, for a bf16 and an FP8 cache of the same contents."""
